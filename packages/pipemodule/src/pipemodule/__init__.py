@@ -1,3 +1,36 @@
-"""placeholder"""
+"""Pipeline-parallel PyTorch modules: partition a layer list, build the local stage, tie, train.
 
-__all__: list[str] = []
+A drop-in for ``deepspeed.pipe``: ``from pipemodule import PipelineModule, LayerSpec,
+TiedLayerSpec`` replaces ``from deepspeed.pipe import ...``.
+"""
+
+from pipespec import LayerSpec, TiedLayerSpec
+from pipetopo import (
+    PipeDataParallelTopology,
+    PipelineParallelGrid,
+    PipeModelDataParallelTopology,
+    ProcessTopology,
+)
+
+from pipemodule.__about__ import __version__
+from pipemodule._activation_checkpoint import activation_checkpoint
+from pipemodule._collective import PipelineRankError
+from pipemodule._module import PipelineModule, TiedForward
+from pipemodule._parameter_count import count_parameters
+from pipemodule._seeding import default_seed_fn
+
+__all__ = [
+    "LayerSpec",
+    "PipeDataParallelTopology",
+    "PipeModelDataParallelTopology",
+    "PipelineModule",
+    "PipelineParallelGrid",
+    "PipelineRankError",
+    "ProcessTopology",
+    "TiedForward",
+    "TiedLayerSpec",
+    "__version__",
+    "activation_checkpoint",
+    "count_parameters",
+    "default_seed_fn",
+]

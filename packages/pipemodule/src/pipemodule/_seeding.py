@@ -1,0 +1,51 @@
+"""Seeds for layer construction and for seeded forward passes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["SeedFn", "default_seed_fn", "layer_init_seed"]
+
+SeedFn = Callable[[int], object]
+"""A function that seeds the random number generators, called with a non-negative int."""
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    # A bijective 64-bit mixer: neighbouring layer indices get unrelated seeds, so layer i's
+    # weights never look like a shifted copy of layer i+1's.
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def layer_init_seed(base_seed: int, layer_index: int) -> int:
+    """The seed layer ``layer_index`` (a global index) is built from when ``seed_layers=False``.
+
+    It depends only on the agreed ``base_seed`` and the layer's global index, never on the stage
+    that builds it, so initial weights are the same for every number of stages.
+    """
+    mixed = _splitmix64((base_seed & _MASK64) ^ _splitmix64(layer_index))
+    # torch.manual_seed accepts up to 2**64 - 1; keep to 63 bits so it is also a valid int64.
+    return mixed >> 1
+
+
+def default_seed_fn(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator when NumPy is installed, and torch.
+
+    Same effect as DeepSpeed's default for ``seed_layers=True``, so the same layers get the same
+    weights as under DeepSpeed.
+    """
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional
+        pass
+    else:
+        numpy.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
