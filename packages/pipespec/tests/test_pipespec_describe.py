@@ -259,3 +259,27 @@ def test_describing_a_billion_parameter_spec_allocates_no_parameter_memory() -> 
     assert measured["param_bytes"] == 4 * measured["num_params"]  # 4.3 GB if it were allocated
     assert measured["peak_growth_kib"] < 100 * 1024
     assert measured["seconds"] < 10
+
+
+class _Constructed(torch.nn.Module):
+    constructed = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        _Constructed.constructed += 1
+
+
+def test_layer_name_constructs_nothing() -> None:
+    import functools
+
+    from pipespec import LayerSpec, TiedLayerSpec, layer_name
+
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    before = _Constructed.constructed
+    assert layer_name(LayerSpec(_Constructed)) == "_Constructed"
+    assert layer_name(TiedLayerSpec("k", _Constructed)) == "_Constructed"
+    assert _Constructed.constructed == before
+    assert layer_name(torch.nn.ReLU()) == "ReLU"
+    assert layer_name(functools.partial(functools.partial(gelu))) == "gelu"

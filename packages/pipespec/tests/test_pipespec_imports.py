@@ -31,6 +31,7 @@ def test_every_exported_name_exists_and_version_comes_from_about() -> None:
         "TiedLayerSpec",
         "__version__",
         "describe",
+        "layer_name",
         "resolve_tied_attr",
     }
     for name in pipespec.__all__:

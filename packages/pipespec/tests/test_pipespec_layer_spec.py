@@ -232,3 +232,18 @@ def test_hash_agrees_with_equality_for_hashable_arguments(
     assert spec == twin
     assert hash(spec) == hash(twin)
     assert len({spec, twin}) == 1
+
+
+def test_builds_same_module_ignores_tie_extras_but_not_arguments() -> None:
+    from pipespec import TiedLayerSpec
+
+    def head(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    embed = TiedLayerSpec("embed", torch.nn.Embedding, 10, 4)
+    assert embed.builds_same_module(
+        TiedLayerSpec("other", torch.nn.Embedding, 10, 4, forward_fn=head)
+    )
+    assert embed.builds_same_module(LayerSpec(torch.nn.Embedding, 10, 4))
+    assert not embed.builds_same_module(TiedLayerSpec("embed", torch.nn.Embedding, 10, 8))
+    assert not embed.builds_same_module(LayerSpec(torch.nn.Linear, 10, 4))

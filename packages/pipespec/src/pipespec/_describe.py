@@ -65,13 +65,13 @@ def describe(layer: Layer) -> LayerInfo:
         kind = LayerKind.TIED if isinstance(layer, TiedLayerSpec) else LayerKind.SPEC
         module = _build_on_meta(layer)
         return _module_info(
-            layer.typename.__name__,
+            layer_name(layer),
             kind,
             module,
             layer.key if isinstance(layer, TiedLayerSpec) else None,
         )
     if isinstance(layer, torch.nn.Module):
-        return _module_info(type(layer).__name__, LayerKind.MODULE, layer, None)
+        return _module_info(layer_name(layer), LayerKind.MODULE, layer, None)
     if isinstance(layer, type) and issubclass(layer, torch.nn.Module):
         raise TypeError(
             f"{layer.__name__} is a module class, which as a layer would construct a new module "
@@ -79,7 +79,7 @@ def describe(layer: Layer) -> LayerInfo:
         )
     if callable(layer):
         return LayerInfo(
-            name=_callable_name(layer),
+            name=layer_name(layer),
             kind=LayerKind.CALLABLE,
             num_params=0,
             trainable_params=0,
@@ -120,7 +120,17 @@ def _module_info(
     )
 
 
-def _callable_name(function: object) -> str:
+def layer_name(layer: Layer) -> str:
+    """A layer's display name, found without constructing anything.
+
+    The class name of a spec or module, or the ``__name__`` of a callable (through any
+    ``functools.partial``); the names that ``partition_method='type:REGEX'`` matches.
+    """
+    if isinstance(layer, LayerSpec):
+        return layer.typename.__name__
+    if isinstance(layer, torch.nn.Module):
+        return type(layer).__name__
+    function: object = layer
     while isinstance(function, functools.partial):
         function = function.func
     name = getattr(function, "__name__", None)

@@ -64,15 +64,23 @@ class LayerSpec:
         with torch.device(device):
             return self.typename(*self.module_args, **self.module_kwargs)
 
+    def builds_same_module(self, other: LayerSpec) -> bool:
+        """Whether ``other`` constructs the same class with equal arguments.
+
+        Unlike ``==`` this ignores the spec's own kind and extras (a tie key, a ``forward_fn``),
+        so it tells whether two specs would build interchangeable modules.
+        """
+        return self.typename is other.typename and arguments_equal(
+            self.module_args, self.module_kwargs, other.module_args, other.module_kwargs
+        )
+
     def __repr__(self) -> str:
         return format_call(self.typename.__name__, self.module_args, self.module_kwargs)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LayerSpec) or type(other) is not type(self):
             return NotImplemented
-        return self.typename is other.typename and arguments_equal(
-            self.module_args, self.module_kwargs, other.module_args, other.module_kwargs
-        )
+        return self.builds_same_module(other)
 
     def __hash__(self) -> int:
         try:
