@@ -1,3 +1,21 @@
-"""placeholder"""
+"""Process topologies (pipe x data x model) and their torch.distributed communication grid."""
 
-__all__: list[str] = []
+from pipetopo.__about__ import __version__
+from pipetopo._coord import ProcessCoord
+from pipetopo._grid import PipelineParallelGrid
+from pipetopo._topology import (
+    PipeDataParallelTopology,
+    PipeModelDataParallelTopology,
+    ProcessTopology,
+    default_topology,
+)
+
+__all__ = [
+    "PipeDataParallelTopology",
+    "PipeModelDataParallelTopology",
+    "PipelineParallelGrid",
+    "ProcessCoord",
+    "ProcessTopology",
+    "__version__",
+    "default_topology",
+]

@@ -1,0 +1,131 @@
+"""Creating and caching the torch.distributed groups of one grid.
+
+[Note: one creation order]
+torch names a new group after how many groups were created before it, and ranks meet on those
+names; backends then connect the members. So every rank of the grid's group must issue the same
+group-creating calls in the same order, members or not: then names agree and no two ranks can
+wait for each other inside different groups. The cache below is filled identically on every rank
+(non-members record ``None``), so a cache hit skips the call on every rank at once.
+
+Two exceptions keep this cheap:
+* a rank set equal to the whole grid reuses the grid's own group;
+* a single-rank group is created by its only member with local synchronisation (a hashed name,
+  no global counter), so no rank has to call into the W single-rank groups of the others.
+  Under eager NCCL (a device bound to the default group) that shortcut would block in
+  ``ncclCommSplit``, so there every set, single ranks included, goes through ``split_group``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+logger = logging.getLogger(__name__)
+
+
+def default_group_bound_to_device() -> bool:
+    """Whether the default group was initialised eagerly on a device (``device_id=...``)."""
+    return getattr(dist.group.WORLD, "bound_device_id", None) is not None
+
+
+def uses_split_group() -> bool:
+    """Whether groups are carved with ``split_group`` (eagerly initialised NCCL-like backends).
+
+    With a device bound to the default group, torch creates communicators by splitting the
+    parent's; ``split_group`` does that for a whole family of groups in one collective over the
+    parent (as ``DeviceMesh`` does), where ``new_group`` would split once per group.
+    """
+    return default_group_bound_to_device() and hasattr(dist, "split_group")
+
+
+class GroupCache:
+    """The groups of one grid, keyed by their sorted topology ranks.
+
+    Args:
+        process_group: the group the grid lives in.
+        global_ranks: global rank of each topology rank, or None when the grid spans the
+            default group (topology rank == global rank).
+        rank: this process's topology rank.
+        world_size: the number of topology ranks.
+    """
+
+    def __init__(
+        self,
+        process_group: ProcessGroup,
+        global_ranks: tuple[int, ...] | None,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self._process_group = process_group
+        self._global_ranks = global_ranks
+        self._rank = rank
+        self._world_size = world_size
+        self._split = uses_split_group()
+        self._groups: dict[tuple[int, ...], ProcessGroup | None] = {}
+        self.collective_calls = 0
+        """Group-creating calls this rank made that every rank of the grid made too."""
+        self.local_calls = 0
+        """Single-rank groups this rank created on its own."""
+
+    def to_global(self, rank: int) -> int:
+        return rank if self._global_ranks is None else self._global_ranks[rank]
+
+    def get(self, ranks: tuple[int, ...]) -> ProcessGroup | None:
+        """The group of an already created rank set (None where this rank is not a member)."""
+        if len(ranks) == self._world_size:
+            return self._process_group
+        if len(ranks) == 1 and not self._split:
+            return self._groups.get(ranks) if ranks[0] == self._rank else None
+        return self._groups[ranks]
+
+    def create(self, rank_sets: Sequence[tuple[int, ...]]) -> None:
+        """Create the groups of ``rank_sets`` (sorted, deduplicated) that do not exist yet.
+
+        Collective over the grid's group: every rank passes the same sets in the same order.
+        The sets of one call must not overlap when groups are split (one family per call).
+        """
+        pending = [
+            ranks
+            for ranks in dict.fromkeys(rank_sets)
+            if len(ranks) != self._world_size and ranks not in self._groups
+        ]
+        if self._split:
+            self._split_groups(pending)
+            return
+        for ranks in pending:
+            if len(ranks) == 1:
+                if ranks[0] == self._rank:
+                    self._groups[ranks] = self._new_group(ranks, local=True)
+                    self.local_calls += 1
+            else:
+                self._groups[ranks] = self._new_group(ranks, local=False)
+                self.collective_calls += 1
+
+    def _new_group(self, ranks: tuple[int, ...], *, local: bool) -> ProcessGroup | None:
+        """``new_group`` of the ranks; None on non-members (torch returns a sentinel int)."""
+        global_ranks = [self.to_global(r) for r in ranks]
+        logger.debug("creating process group of global ranks %s", global_ranks)
+        group = dist.new_group(ranks=global_ranks, use_local_synchronization=local)
+        if self._rank not in ranks:
+            return None
+        if not isinstance(group, ProcessGroup):
+            raise RuntimeError(
+                f"torch.distributed.new_group({global_ranks}) returned {group!r} on global "
+                f"rank {dist.get_rank()}, a member; the default process group is unusable."
+            )
+        return group
+
+    def _split_groups(self, pending: list[tuple[int, ...]]) -> None:
+        if not pending:
+            return
+        logger.debug("splitting %d process groups from the grid's group", len(pending))
+        # split_group takes ranks of the parent group, which are exactly topology ranks.
+        group = dist.split_group(
+            parent_pg=self._process_group, split_ranks=[list(ranks) for ranks in pending]
+        )
+        self.collective_calls += 1
+        for ranks in pending:
+            self._groups[ranks] = group if self._rank in ranks else None
