@@ -28,8 +28,8 @@ class PipelineParallelGrid:
 
     Construction creates, through ``torch.distributed``, one group per line of every axis (the
     ranks that differ only along that axis) and DeepSpeed's "model parallel" groups (all ranks
-    sharing a data coordinate). Accessors never communicate; `group_for` and `to_device_mesh`
-    do.
+    sharing a data coordinate). Accessors and `to_device_mesh` never communicate; `group_for`
+    does.
 
     .. warning::
         Constructing a grid is a collective call. Every rank of ``process_group`` must construct

@@ -158,8 +158,8 @@ def _collect(processes: list[BaseProcess], receivers: list[Connection], timeout:
         raise RankFailedError(failures, world_size, still_running)
     if still_running:
         raise TimeoutError(
-            f"ranks {still_running} of {world_size} had not finished after {timeout} s and were "
-            "killed with all other ranks; raise spawn_ranks(timeout=...) if the work is slow, or "
+            f"ranks {still_running} of {world_size} had not finished after {timeout} s; every "
+            "rank process was stopped. Raise spawn_ranks(timeout=...) if the work is slow, or "
             "look for a collective that only some ranks enter."
         )
     return [results[rank] for rank in range(world_size)]
@@ -220,6 +220,10 @@ def _run_rank(
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=limit
         )
+        # A rank that returns at once could otherwise close its connections while a peer is
+        # still completing the backend's handshake, failing that peer's init_process_group.
+        store.set(f"pipetopo/initialised/{rank}", "1")
+        store.wait([f"pipetopo/initialised/{r}" for r in range(world_size)])
         try:
             report: tuple[str, Any] = ("ok", fn(*args))
         finally:
