@@ -22,7 +22,11 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 
-from pipepartition._capacity import require_capacities_suffice, require_layout_fits
+from pipepartition._capacity import (
+    explain_capacities,
+    require_capacities_plausible,
+    require_layout_fits,
+)
 from pipepartition._numbers import (
     Real,
     all_ints,
@@ -157,7 +161,7 @@ def partition_balanced(
         capacities=capacity_list,
         sizes=size_list,
     )
-    require_capacities_suffice(model)
+    require_capacities_plausible(model)
     bottleneck = _optimal_bottleneck(model)
     boundaries = _place_boundaries(model, bottleneck)
     _relax_neighbours(model, bottleneck, boundaries)
@@ -184,7 +188,7 @@ def _optimal_bottleneck(model: SegmentModel) -> Real:
         heaviest = model.max_item_cost / max(speeds)
         average = total / math.fsum(speeds) * (1.0 - (p + 8) * 2.0**-52)
         lower = max(heaviest, average, 0.0)
-        slack = model.max_item_cost / min(speeds)
+        slack = heaviest
         ceiling = total / min(speeds)
 
     probes = 0
@@ -192,26 +196,43 @@ def _optimal_bottleneck(model: SegmentModel) -> Real:
     feasible: int | None = None
 
     def probe(bound_rank: int) -> None:
-        """Move ``feasible`` down to what a feasible split achieves, or ``infeasible`` up to
-        just below the next value at which the failed sweep could change."""
+        """Move ``feasible`` down to what a feasible split achieves, or ``infeasible`` up."""
         nonlocal probes, infeasible, feasible
         probes += 1
-        sweep = model.sweep_forward(at(bound_rank))
+        bound = at(bound_rank)
+        known = feasible
+        # Prune starts that could not finish under the best bottleneck known to work (or,
+        # before there is one, under this bound itself; see SegmentModel.sweep_forward).
+        sweep = model.sweep_forward(bound, prune_above=bound if known is None else at(known))
         if sweep.feasible:
-            feasible = rank(model.path_bottleneck(model.latest_boundaries(sweep.reach)))
-        elif sweep.next_change == math.inf:
-            infeasible = bound_rank
+            reached = rank(model.path_bottleneck(model.latest_boundaries(sweep.reach)))
+            if reached > bound_rank:  # would stall the search; only a bug can cause it
+                raise RuntimeError(
+                    f"internal error in partition_balanced: a split found for bottleneck "
+                    f"{bound!r} reaches {at(reached)!r}; please report this"
+                )
+            feasible = reached
+        elif known is None or sweep.next_change == math.inf:
+            # Pruned at this very bound, the sweep says nothing about larger ones.
+            infeasible = max(infeasible, bound_rank)
         else:
-            infeasible = max(bound_rank, rank(sweep.next_change) - 1)
-            if feasible is not None:
-                infeasible = min(infeasible, feasible - 1)
+            # Unchanged below next_change, so infeasible up to just below it.
+            infeasible = min(max(bound_rank, rank(sweep.next_change) - 1), known - 1)
 
-    for guess in (lower, lower + slack):
-        guess_rank = rank(guess)
-        if guess_rank > infeasible and (feasible is None or guess_rank < feasible):
-            probe(guess_rank)
+    # Upwards from the lower bound in doubling steps until some bound works; then bisect.
+    guess, step = lower, slack if slack > 0 else 1
+    while feasible is None and rank(guess) < rank(ceiling):
+        if rank(guess) > infeasible:
+            probe(rank(guess))
+        guess, step = lower + step, 2 * step
     if feasible is None:
-        feasible = rank(ceiling)  # every run fits under it; capacities were checked already
+        probe(rank(ceiling))  # every run's cost fits under it: only capacities can fail
+        if feasible is None:
+            explain_capacities(model)
+            raise RuntimeError(
+                "internal error in partition_balanced: capacities fit no split, yet the "
+                "explanation found one; please report this"
+            )
     while feasible - infeasible > 1:
         probe((infeasible + feasible) // 2)
     bottleneck = at(feasible)

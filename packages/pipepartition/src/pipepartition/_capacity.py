@@ -18,12 +18,9 @@ def _describe_positions(intervals: Intervals) -> str:
     return ", ".join(parts) + more
 
 
-def require_capacities_suffice(model: SegmentModel) -> None:
-    """Raise ValueError, saying which stage needs how much, when no split fits the capacities.
-
-    Silent when some contiguous split with a non-empty stage each fits (the check is exact:
-    it runs the same reachability sweep as the optimiser, with the bottleneck unlimited).
-    """
+def require_capacities_plausible(model: SegmentModel) -> None:
+    """Raise ValueError for the two plain reasons capacities cannot work: one layer larger
+    than every capacity, or more in total than all capacities together. Cheap; run first."""
     capacities = model.capacities
     if capacities is None:
         return
@@ -45,6 +42,18 @@ def require_capacities_suffice(model: SegmentModel) -> None:
             f"{format_list(capacities)} sum to {format_number(total_capacity)}; add at least "
             f"{format_number(total_size - total_capacity)} of capacity or use more stages"
         )
+
+
+def explain_capacities(model: SegmentModel) -> None:
+    """Raise ValueError saying which stage needs how much, when no split fits the capacities.
+
+    Exact: it runs the optimiser's own reachability sweep with the bottleneck unlimited.
+    Returns (without raising) only if some split does fit.
+    """
+    capacities = model.capacities
+    if capacities is None:
+        return
+    n, p = model.num_items, model.num_stages
     reach = model.sweep_forward(math.inf).reach
     if not reach[-1]:
         stage = len(reach) - 2

@@ -65,6 +65,12 @@ def _settle_start(values: list[Real], first: int, start: int, end: int, fits: Fi
     return start
 
 
+def _generous(room: Real, scale: Real) -> float:
+    """``room`` widened far beyond any float rounding in sums of at most ``scale``: pruning
+    with it never drops a position that could work."""
+    return float(room) * (1.0 + 1e-9) + abs(float(scale)) * 1e-12
+
+
 def _merged(pieces: Intervals, lowest: int, highest: int) -> Intervals:
     """Union of ``pieces`` clipped to ``[lowest, highest]``, as :data:`Intervals`."""
     pieces.sort()
@@ -120,6 +126,19 @@ class SegmentModel:
             self.max_item_size = max(self.item_sizes, default=0)
         self._cost_table: RangeMax | None = None
         self._size_table: RangeMax | None = None
+        # Total speed / capacity of stages s.. and of stages ..s-1, for pruning positions
+        # the other stages could never make up for (see lowest_start / highest_start).
+        weights_per_stage: list[Real] = speeds if speeds is not None else [1] * num_stages
+        self._speed_after = list(accumulate(reversed(weights_per_stage), initial=0))[::-1]
+        self._speed_before = list(accumulate(weights_per_stage, initial=0))
+        self._capacity_after: list[Real] | None = None
+        self._capacity_before: list[Real] | None = None
+        if capacities is not None and math.inf not in capacities:
+            self._capacity_after = list(accumulate(reversed(capacities), initial=0))[::-1]
+            self._capacity_before = list(accumulate(capacities, initial=0))
+        self._exact_sizes = capacities is None or (
+            all_ints(capacities) and all_ints(self.item_sizes)
+        )
 
     # -- one stage, one run ------------------------------------------------------------
 
@@ -228,14 +247,52 @@ class SegmentModel:
                 hits = sorted(set(hits).union(too_big)) if hits else too_big
         return hits
 
+    def lowest_start(self, stage: int, bound: Real) -> int:
+        """No start of stage ``stage`` below this leaves a rest that stages ``stage..`` could
+        hold under ``bound`` and their capacities (a sound, cheap necessary condition)."""
+        n = self.num_items
+        position = stage
+        if bound != math.inf:
+            room = bound * self._speed_after[stage]
+            need = self.prefix[n] - (room if self.exact else _generous(room, self.prefix[n]))
+            position = max(position, bisect_left(self.prefix, need))
+        if self._capacity_after is not None:
+            room = self._capacity_after[stage]
+            total = self.size_prefix[n]
+            need = total - (room if self._exact_sizes else _generous(room, total))
+            position = max(position, bisect_left(self.size_prefix, need))
+        return position
+
+    def highest_start(self, stage: int, bound: Real) -> int:
+        """No start of stage ``stage`` above this leaves a prefix that stages ``..stage - 1``
+        could hold under ``bound`` and their capacities."""
+        n = self.num_items
+        position = n - (self.num_stages - stage)
+        if bound != math.inf:
+            room = bound * self._speed_before[stage]
+            if not self.exact:
+                room = _generous(room, self.prefix[n])
+            position = min(position, bisect_right(self.prefix, room) - 1)
+        if self._capacity_before is not None:
+            room = self._capacity_before[stage]
+            if not self._exact_sizes:
+                room = _generous(room, self.size_prefix[n])
+            position = min(position, bisect_right(self.size_prefix, room) - 1)
+        return position
+
     # -- all stages ----------------------------------------------------------------------
 
-    def sweep_forward(self, bound: Real) -> Sweep:
+    def sweep_forward(self, bound: Real, *, prune_above: Real | None = None) -> Sweep:
         """``reach[s]``: positions where stage ``s`` can begin, stages before it all fitting.
 
         ``reach[0]`` is position 0 and ``reach[num_stages]`` the positions the last stage can
         end at. Every stage holds at least one layer and leaves at least one per later stage.
         Stops early, with an empty last entry, once no position is reachable.
+
+        ``prune_above``, a bottleneck at least ``bound``, drops starts that could not finish
+        even under it (:meth:`lowest_start`): the answer stays the same, the sweep stays
+        narrow when a stage cannot hold many layers alone. It is a fixed value, not ``bound``,
+        so that ``next_change`` remains valid: pruning does not move as ``bound`` grows.
         """
         n, p = self.num_items, self.num_stages
         reach: list[Intervals] = [[(0, 0)]]
@@ -258,10 +315,12 @@ class SegmentModel:
                     if first <= layer:
                         pieces.append((first, layer))
                     first = layer + 2
-                top = max(hi + 1, end)
-                if first <= top:
-                    pieces.append((first, top))
-            reach.append(_merged(pieces, stage + 1, n - (p - stage - 1)))
+                if first <= end:  # a blocked hi has end == hi < first
+                    pieces.append((first, end))
+            lowest = stage + 1
+            if prune_above is not None:
+                lowest = max(lowest, self.lowest_start(stage + 1, prune_above))
+            reach.append(_merged(pieces, lowest, n - (p - stage - 1)))
             if not reach[-1]:
                 break
         feasible = len(reach) == p + 1 and bool(reach[-1]) and reach[-1][-1][1] == n
@@ -298,5 +357,5 @@ class SegmentModel:
                     first = layer + 1
                 if first <= last:
                     pieces.append((first, last))
-            starts[stage] = _merged(pieces, stage, n - (p - stage))
+            starts[stage] = _merged(pieces, stage, self.highest_start(stage, bound))
         return starts
