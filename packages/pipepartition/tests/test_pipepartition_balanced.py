@@ -147,6 +147,30 @@ def test_capacities_are_met_and_infeasible_exactly_when_no_split_fits(
     assert bottleneck(weights, boundaries, speeds) == expected
 
 
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.sampled_from([0.0, 5e-324, 1e-323, 1.5e-323, 2e-323, 2.2250738585072014e-308]),
+        max_size=9,
+    ),
+    st.lists(st.sampled_from([0.25, 0.3, 1.0, 2.0, 2.5, 3.0]), min_size=1, max_size=5),
+)
+def test_subnormal_weights_stay_optimal_even_when_dividing_by_speeds_underflows(
+    weights: list[float], speeds: list[float]
+) -> None:
+    num_parts = len(speeds)
+    boundaries = partition_balanced(weights, num_parts, speeds=speeds)
+    assert_valid(boundaries, len(weights), num_parts)
+    if len(weights) >= num_parts:
+        expected = brute_force_optimum(weights, num_parts, speeds=speeds)
+        assert bottleneck(weights, boundaries, speeds) == expected
+
+
+def test_underflowing_stage_times_regression() -> None:
+    # 5e-324 / 2.0 rounds to 0.0: the optimum is 0 and a split must still be found.
+    assert partition_balanced([5e-324, 0.0], 2, speeds=[2.0, 0.25]) == [0, 1, 2]
+
+
 @given(st.one_of(int_weights, float_weights), parts)
 def test_same_input_gives_the_same_boundaries(weights: list[Number], num_parts: int) -> None:
     first = partition_balanced(weights, num_parts)

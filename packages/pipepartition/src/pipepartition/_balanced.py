@@ -82,20 +82,30 @@ def partition_balanced(
     fewer items than parts the result is :func:`partition_uniform`'s (trailing parts empty),
     as in DeepSpeed; capacities are then checked against that layout.
 
-    Ties: among all optimal splits one is chosen deterministically. Boundaries are placed
-    left to right; boundary ``s`` goes to the position, among those that still allow an
-    optimal split of the rest, whose prefix cost is nearest to its ideal share of the total
-    (``s / num_parts`` of it, or the share of the speeds before ``s``). Among equally near
-    positions (runs of zero weights) the one nearest the even split by item count wins, and
-    then the later one. So the parts that are lighter than the bottleneck come out even
-    rather than front-loaded.
+    Ties: among all optimal splits (bottleneck ``B``) one is chosen deterministically, so
+    that the parts lighter than the bottleneck come out even rather than front-loaded:
+
+    1. Boundaries are placed left to right. Boundary ``s`` goes, among the positions the
+       part before it can reach under ``B`` and from which the rest can still be split
+       under ``B``, to the one whose cost so far is nearest that part's fair share of the
+       remaining cost (``1 / parts left``, or its speed's share of the remaining speed);
+       then nearest its fair share of the remaining item count (runs of zero weights);
+       then the later position.
+    2. Each pair of neighbouring parts is then rebalanced in turn: their common boundary
+       moves to minimise the larger of their two times, then the difference of the times,
+       then the distance from the middle by count, then to the later position, within what
+       both parts hold under ``B``. Sweeps repeat until nothing moves, at most
+       ``num_parts`` times. Neither step can raise the bottleneck.
 
     Exactness: int weights are summed exactly. Float weights are compared through prefix
     sums (``itertools.accumulate``); the result is optimal exactly as those sums measure a
-    part, i.e. up to the rounding of the prefix sums themselves.
+    part, i.e. up to the rounding of the prefix sums themselves. Mixed ints and floats, and
+    any weights together with ``speeds``, are computed as floats.
 
-    Cost: O(num_parts * log(len(weights))) per probe of a candidate bottleneck and at most
-    64 probes (typically about 10 for ints); 100,000 weights into 128 parts take a few ms.
+    Cost: O(num_parts * log(len(weights))) per probe of a candidate bottleneck, about 10
+    probes; 100,000 weights into 128 parts take about 15 ms. A part that cannot hold many
+    items alone (a tiny capacity, a very slow speed) widens each probe to O(len(weights))
+    in the worst case.
 
     Raises:
         TypeError: a weight, speed, capacity or size is not a real number, or is a bool.
@@ -105,9 +115,9 @@ def partition_balanced(
             which layer or stage needs how much).
 
     >>> partition_balanced([4, 1, 1, 1, 1, 4], 3)
-    [0, 2, 4, 6]
-    >>> partition_balanced([4, 1, 1, 1, 1, 4], 3, speeds=[1, 2, 1])
     [0, 1, 5, 6]
+    >>> partition_balanced([1] * 12, 3, speeds=[1, 2, 1])
+    [0, 3, 9, 12]
     """
     parts = count(num_parts, name="num_parts", minimum=1)
     costs = non_negative_values(weights, name="weights")
@@ -183,10 +193,11 @@ def _optimal_bottleneck(model: SegmentModel) -> Real:
         rank, at = _double_rank, _double_at
         speeds = model.speeds or [1.0] * p
         # Sound lower bounds: the heaviest item runs somewhere, at best on the fastest stage,
-        # and some stage carries at least its speed's share of the total. The margin covers
-        # the rounding of the prefix sums, so the bound never exceeds the true optimum.
+        # and some stage carries at least its speed's share of the total. The margins cover
+        # the rounding of the prefix sums and underflow in dividing by a speed, so the bound
+        # never exceeds the true optimum.
         heaviest = model.max_item_cost / max(speeds)
-        average = total / math.fsum(speeds) * (1.0 - (p + 8) * 2.0**-52)
+        average = total / math.fsum(speeds) * (1.0 - (p + 8) * 2.0**-52) - 1e-323
         lower = max(heaviest, average, 0.0)
         slack = heaviest
         ceiling = total / min(speeds)

@@ -65,6 +65,12 @@ def _settle_start(values: list[Real], first: int, start: int, end: int, fits: Fi
     return start
 
 
+_UNDERFLOW = 1e-323
+"""Twice the smallest subnormal double: more than any division can lose to underflow
+(``5e-324 / 2.0 == 0.0``), so ``time <= bound`` implies ``cost <= (bound + _UNDERFLOW) *
+speed`` up to relative rounding."""
+
+
 def _generous(room: Real, scale: Real) -> float:
     """``room`` widened far beyond any float rounding in sums of at most ``scale``: pruning
     with it never drops a position that could work."""
@@ -253,8 +259,11 @@ class SegmentModel:
         n = self.num_items
         position = stage
         if bound != math.inf:
-            room = bound * self._speed_after[stage]
-            need = self.prefix[n] - (room if self.exact else _generous(room, self.prefix[n]))
+            if self.exact:
+                room = bound * self._speed_after[stage]
+            else:
+                room = _generous((bound + _UNDERFLOW) * self._speed_after[stage], self.prefix[n])
+            need = self.prefix[n] - room
             position = max(position, bisect_left(self.prefix, need))
         if self._capacity_after is not None:
             room = self._capacity_after[stage]
@@ -269,9 +278,10 @@ class SegmentModel:
         n = self.num_items
         position = n - (self.num_stages - stage)
         if bound != math.inf:
-            room = bound * self._speed_before[stage]
-            if not self.exact:
-                room = _generous(room, self.prefix[n])
+            if self.exact:
+                room = bound * self._speed_before[stage]
+            else:
+                room = _generous((bound + _UNDERFLOW) * self._speed_before[stage], self.prefix[n])
             position = min(position, bisect_right(self.prefix, room) - 1)
         if self._capacity_before is not None:
             room = self._capacity_before[stage]
