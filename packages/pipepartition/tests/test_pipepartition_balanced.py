@@ -94,7 +94,7 @@ parts = st.integers(1, 5)
 # -- optimality and shape -----------------------------------------------------------------
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.one_of(int_weights, float_weights), parts)
 def test_bottleneck_equals_the_brute_force_optimum(weights: list[Number], num_parts: int) -> None:
     boundaries = partition_balanced(weights, num_parts)
@@ -103,7 +103,7 @@ def test_bottleneck_equals_the_brute_force_optimum(weights: list[Number], num_pa
         assert bottleneck(weights, boundaries) == brute_force_optimum(weights, num_parts)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(int_weights, float_weights),
     st.lists(st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 0.3]), min_size=1, max_size=5),
@@ -119,7 +119,7 @@ def test_with_speeds_the_slowest_relative_part_is_optimal(
         assert bottleneck(weights, boundaries, speeds) == expected
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.data(), parts)
 def test_capacities_are_met_and_infeasible_exactly_when_no_split_fits(
     data: st.DataObject, num_parts: int
@@ -147,7 +147,7 @@ def test_capacities_are_met_and_infeasible_exactly_when_no_split_fits(
     assert bottleneck(weights, boundaries, speeds) == expected
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.lists(
         st.sampled_from([0.0, 5e-324, 1e-323, 1.5e-323, 2e-323, 2.2250738585072014e-308]),

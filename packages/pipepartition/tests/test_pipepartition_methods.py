@@ -156,7 +156,10 @@ def test_boundaries_are_used_as_given_and_checked_against_the_layers() -> None:
     assert plan.boundaries == (0, 1, 4)
     with pytest.raises(ValueError, match=r"describe 1 stages but num_stages is 2"):
         plan_partition(Boundaries((0, 4)), 2, names=["a", "b", "c", "d"])
-    with pytest.raises(ValueError, match=r"end at 3 but there are 4 layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"end at 3 but there are 4 layers, leaving layers \[3, 4\) without a stage",
+    ):
         plan_partition(Boundaries((0, 1, 3)), 2, names=["a", "b", "c", "d"])
     with pytest.raises(ValueError, match=r"leave stage 1 empty"):
         plan_partition(Boundaries((0, 2, 2, 4)), 3, names=["a", "b", "c", "d"])

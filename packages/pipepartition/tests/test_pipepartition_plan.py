@@ -115,7 +115,11 @@ def test_speeds_divide_stage_costs_and_imbalance_is_relative_to_the_speed_share(
     [
         ({"boundaries": (1, 2), "costs": (1, 1)}, ValueError, r"start at 1; the first must be 0"),
         ({"boundaries": (0, 3, 2), "costs": (1, 1)}, ValueError, r"decrease at stage 1"),
-        ({"boundaries": (0, 2), "costs": (1,)}, ValueError, r"end at 2 but costs has 1 entry"),
+        (
+            {"boundaries": (0, 2), "costs": (1,)},
+            ValueError,
+            r"end at 2 but costs has 1 entry \(one per layer\), placing layers \[1, 2\) that",
+        ),
         ({"boundaries": (0,), "costs": ()}, ValueError, r"describe no stage"),
         ({"boundaries": (0, 1.5), "costs": (1,)}, TypeError, r"boundaries\[1\] must be an int"),
         ({"boundaries": (0, True), "costs": (1,)}, TypeError, r"boundaries\[1\] must be an int"),

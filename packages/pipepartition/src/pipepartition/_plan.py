@@ -63,10 +63,8 @@ class PartitionPlan:
         costs = tuple(non_negative_values(self.costs, name="costs"))
         num_layers = len(costs)
         if boundaries[-1] != num_layers:
-            raise ValueError(
-                f"boundaries end at {boundaries[-1]} but costs has {entries(num_layers)} (one "
-                f"per layer); the last boundary must equal the number of layers, {num_layers}"
-            )
+            counted = f"costs has {entries(num_layers)} (one per layer)"
+            raise ValueError(coverage_error(boundaries, num_layers, counted))
         names = None
         if self.names is not None:
             names = tuple(self.names)
@@ -284,6 +282,20 @@ def _boundaries(values: Sequence[int]) -> tuple[int, ...]:
                 "once, in order"
             )
     return bounds
+
+
+def coverage_error(bounds: Sequence[int], num_layers: int, counted: str) -> str:
+    """Why boundaries that do not end at ``num_layers`` are wrong, naming the stray layers;
+    ``counted`` says where the layer count comes from, e.g. ``"there are 3 layers"``."""
+    end = bounds[-1]
+    if end < num_layers:
+        problem = f"leaving layers [{end}, {num_layers}) without a stage"
+    else:
+        problem = f"placing layers [{num_layers}, {end}) that do not exist in the last stages"
+    return (
+        f"boundaries {_show(bounds)} end at {end} but {counted}, "
+        f"{problem}; the last boundary must be {num_layers}"
+    )
 
 
 def _show(bounds: Sequence[int]) -> str:

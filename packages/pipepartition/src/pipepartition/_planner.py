@@ -26,7 +26,7 @@ from pipepartition._numbers import (
     plural,
     positive_values,
 )
-from pipepartition._plan import PartitionPlan
+from pipepartition._plan import PartitionPlan, coverage_error
 from pipepartition._uniform import partition_uniform
 
 logger = logging.getLogger(__name__)
@@ -191,10 +191,8 @@ def _checked_boundaries(method: Boundaries, stages: int, num_layers: int) -> lis
             f"{stages}; pass {stages + 1} positions"
         )
     if bounds[-1] != num_layers:
-        raise ValueError(
-            f"boundaries {bounds} end at {bounds[-1]} but there are {num_layers} layers; the "
-            f"last boundary must be {num_layers}"
-        )
+        counted = f"there are {plural(num_layers, 'layer')}"
+        raise ValueError(coverage_error(bounds, num_layers, counted))
     if num_layers >= stages:
         for stage in range(stages):
             if bounds[stage] == bounds[stage + 1]:

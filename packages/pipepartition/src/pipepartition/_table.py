@@ -68,7 +68,7 @@ def render_table(plan: PartitionPlan) -> str:
         ]
         return "  ".join(laid_out).rstrip()
 
-    busiest = stage_times.index(bottleneck) if plan.num_stages else 0
+    busiest = stage_times.index(bottleneck)
     footer = (
         f"bottleneck {format_number(bottleneck)} (stage {busiest}), "
         f"imbalance {plan.imbalance:.3f}, method {plan.method}"
