@@ -18,7 +18,6 @@ from pipemodule._agreement import ConstructionFingerprint, agree_on_construction
 from pipemodule._checkpoint_files import atomic_save, layer_file, load_layer_file
 from pipemodule._collective import run_on_every_rank
 from pipemodule._config import PipelineConfig, validate_config
-from pipemodule._layer_names import layer_name
 from pipemodule._planning import plan_stages
 from pipemodule._profile import measure_layer_costs
 from pipemodule._seeding import SeedFn, default_seed_fn, layer_init_seed

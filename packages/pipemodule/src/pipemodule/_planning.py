@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipepartition import Parameters, PartitionPlan, plan_partition
-from pipespec import Layer, LayerInfo, LayerSpec, describe
+from pipespec import Layer, LayerInfo, LayerSpec, describe, layer_name
 
 from pipemodule._config import PipelineConfig
-from pipemodule._layer_names import layer_name
 
 __all__ = ["describe_layers", "plan_stages"]
 

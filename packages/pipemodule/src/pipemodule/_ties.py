@@ -26,18 +26,6 @@ class TiedKey:
         return self.layer_indices[0]
 
 
-def _same_module(a: TiedLayerSpec, b: TiedLayerSpec) -> bool:
-    try:
-        return bool(
-            a.typename is b.typename
-            and a.module_args == b.module_args
-            and dict(a.module_kwargs) == dict(b.module_kwargs)
-            and a.tied_weight_attr == b.tied_weight_attr
-        )
-    except Exception:  # arguments whose == raises or is ambiguous (e.g. tensors)
-        return False
-
-
 def index_tied_layers(layers: Sequence[Layer]) -> dict[str, TiedKey]:
     """Group the tied layers of ``layers`` by key, in sorted key order.
 
@@ -58,7 +46,10 @@ def index_tied_layers(layers: Sequence[Layer]) -> dict[str, TiedKey]:
         for index in indices[1:]:
             other = layers[index]
             assert isinstance(other, TiedLayerSpec)
-            if not _same_module(first, other):
+            if not (
+                first.builds_same_module(other)
+                and first.tied_weight_attr == other.tied_weight_attr
+            ):
                 raise ValueError(
                     f"tie key {key!r} is used by layers {indices[0]} and {index} with different "
                     f"modules: {first!r} vs {other!r}; every occurrence of a key shares one module, "

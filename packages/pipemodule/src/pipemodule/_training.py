@@ -1,0 +1,227 @@
+"""Training a PipelineModule with torch.distributed.pipelining schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+from pipemodule._module import PipelineModule
+
+__all__ = [
+    "SCHEDULES",
+    "PipelineTrainer",
+    "average_data_parallel_gradients",
+    "build_schedule",
+    "clip_grad_norm_",
+    "pipeline_stage",
+]
+
+SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+}
+"""Schedules with one stage per rank, by the names :func:`build_schedule` accepts."""
+
+
+def pipeline_stage(module: PipelineModule) -> PipelineStage:
+    """This rank's stage as a ``torch.distributed.pipelining.PipelineStage``.
+
+    The stage talks to its neighbours over the grid's pipe group, so data-parallel replicas
+    of the pipeline run their schedules independently.
+    """
+    return PipelineStage(
+        module,
+        stage_index=module.stage_id,
+        num_stages=module.num_stages,
+        device=module.device,
+        group=module.mpu().get_pipe_parallel_group(),
+    )
+
+
+def build_schedule(
+    module: PipelineModule,
+    n_microbatches: int,
+    schedule: str = "1f1b",
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> PipelineScheduleSingle:
+    """A schedule by name ('gpipe' or '1f1b') over :func:`pipeline_stage` ``(module)``.
+
+    ``loss_fn(outputs, labels)`` defaults to the module's ``loss_fn``; it must return the mean
+    loss of a micro-batch (gradients are averaged over micro-batches).
+    """
+    name = schedule.lower()
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"schedule={schedule!r} is not known; use one of {sorted(SCHEDULES)}"
+        )
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"n_microbatches={n_microbatches!r} must be a positive int")
+    if name == "1f1b" and n_microbatches < module.num_stages:
+        raise ValueError(
+            f"the 1F1B schedule needs at least as many micro-batches as stages: "
+            f"n_microbatches={n_microbatches} < {module.num_stages} stages; raise n_microbatches "
+            f"or use schedule='gpipe'"
+        )
+    loss = loss_fn if loss_fn is not None else module.loss_fn
+    if loss is None:
+        raise ValueError(
+            "training needs a loss: pass loss_fn to PipelineModule or to build_schedule"
+        )
+    return SCHEDULES[name](pipeline_stage(module), n_microbatches=n_microbatches, loss_fn=loss)
+
+
+def average_data_parallel_gradients(module: PipelineModule) -> None:
+    """Average every gradient over the data-parallel replicas (collective over the data group).
+
+    Gradients are flattened into one buffer per dtype, so a step costs one all-reduce per dtype
+    rather than one per parameter.
+    """
+    grid = module.mpu()
+    replicas = grid.get_data_parallel_world_size()
+    if replicas == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            by_dtype.setdefault(parameter.grad.dtype, []).append(parameter.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, group=grid.get_data_parallel_group())
+        flat /= replicas
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
+    """Scale the pipeline's gradients so that their global L2 norm is at most ``max_norm``.
+
+    The norm is taken over the gradients of every stage (all shards of one model replica: the
+    grid's model-parallel group, pipe x model), each tied tensor counted once. Call it after
+    the gradients are averaged over data-parallel replicas, so every replica sees the same norm
+    and takes the same step. Returns the norm before clipping, the same on every rank.
+    Collective over the model-parallel group.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm={max_norm!r} must be > 0")
+    grads = [
+        p.grad
+        for p in module.parameters()
+        if p.grad is not None and not module.is_tied_copy(p)
+    ]
+    squares = torch.zeros((), dtype=torch.float64, device=module.device)
+    for grad in grads:
+        squares += grad.detach().double().pow(2).sum()
+    dist.all_reduce(squares, group=module.mpu().get_model_parallel_group())
+    total_norm = math.sqrt(float(squares))
+    scale = max_norm / (total_norm + 1e-6)
+    if scale < 1.0:
+        # Tied copies are scaled too: they must stay identical to their owner.
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+    return total_norm
+
+
+class PipelineTrainer:
+    """One optimizer step of a pipeline per call: schedule, tied sums, data averaging, clipping.
+
+    ``torch.distributed.pipelining`` schedules run forward and backward over micro-batches;
+    a training step also needs what a schedule does not do, in this order: sum the gradients of
+    tied tensors over the stages holding them, average gradients over data-parallel replicas,
+    clip by the global norm, and step the optimizer.
+
+    Every rank calls :meth:`train_step` once per step (collective over the whole grid). Pass
+    the data-parallel replica's batch: ``inputs`` matter on the first stage, ``labels`` on the
+    last; other ranks may pass them too or leave them ``None``.
+    """
+
+    def __init__(
+        self,
+        module: PipelineModule,
+        optimizer: torch.optim.Optimizer,
+        *,
+        n_microbatches: int,
+        schedule: str = "1f1b",
+        max_grad_norm: float | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(
+                f"max_grad_norm={max_grad_norm!r} must be > 0, or None to disable clipping"
+            )
+        self.module = module
+        self.optimizer = optimizer
+        self.n_microbatches = n_microbatches
+        self.max_grad_norm = max_grad_norm
+        self.schedule = build_schedule(module, n_microbatches, schedule, loss_fn)
+        self.last_grad_norm: float | None = None
+
+    def _check_batch(self, name: str, batch: Any) -> None:
+        if isinstance(batch, torch.Tensor) and batch.shape[0] % self.n_microbatches != 0:
+            raise ValueError(
+                f"{name} has batch size {batch.shape[0]}, which does not split into "
+                f"n_microbatches={self.n_microbatches} equal micro-batches"
+            )
+
+    def train_step(self, inputs: Any = None, labels: Any = None) -> float:
+        """Forward, backward and optimizer step on one batch; returns the mean loss.
+
+        The loss is averaged over micro-batches and data-parallel replicas and returned on every
+        rank.
+        """
+        grid = self.module.mpu()
+        self.optimizer.zero_grad(set_to_none=False)
+        losses: list[torch.Tensor] = []
+        if grid.is_first_stage:
+            self._check_batch("inputs", inputs)
+            args: tuple[Any, ...] = inputs if isinstance(inputs, tuple) else (inputs,)
+        else:
+            args = ()
+        if grid.is_last_stage:
+            self._check_batch("labels", labels)
+            self.schedule.step(*args, target=labels, losses=losses)
+        else:
+            self.schedule.step(*args)
+        self.module.allreduce_tied_weight_gradients()
+        average_data_parallel_gradients(self.module)
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = clip_grad_norm_(self.module, self.max_grad_norm)
+        self.optimizer.step()
+        return self._mean_loss(losses)
+
+    def evaluate(self, inputs: Any = None, labels: Any = None) -> float:
+        """The mean loss on one batch, without gradients or updates (collective)."""
+        grid = self.module.mpu()
+        losses: list[torch.Tensor] = []
+        args: tuple[Any, ...] = ()
+        if grid.is_first_stage:
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+        with torch.no_grad():
+            if grid.is_last_stage:
+                self.schedule.eval(*args, target=labels, losses=losses)
+            else:
+                self.schedule.eval(*args)
+        return self._mean_loss(losses)
+
+    def _mean_loss(self, losses: list[torch.Tensor]) -> float:
+        # Only the last stage has losses: a sum over the pipe group hands its mean to every
+        # stage, and an average over the data group combines the replicas.
+        grid = self.module.mpu()
+        total = torch.zeros((), dtype=torch.float64, device=self.module.device)
+        if losses:
+            total += torch.stack([loss.detach().double() for loss in losses]).mean()
+        dist.all_reduce(total, group=grid.get_pipe_parallel_group())
+        if grid.get_data_parallel_world_size() > 1:
+            dist.all_reduce(total, group=grid.get_data_parallel_group())
+            total /= grid.get_data_parallel_world_size()
+        return float(total)
