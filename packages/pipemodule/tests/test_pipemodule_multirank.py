@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 import torch.distributed as dist
-from pipetopo.testing import spawn_ranks
 
 from pipemodule import LayerSpec, PipelineModule, PipelineRankError
 from pipemodule.examples import gpt_layers
+from pipetopo.testing import spawn_ranks
 
 VOCAB, HIDDEN, DEPTH = 32, 8, 5  # 8 layers
+
+
+def _tied_weight(module: PipelineModule, key: str) -> torch.Tensor:
+    weight = module.tied_modules[key].weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _local_state(module: PipelineModule) -> dict[str, torch.Tensor]:
@@ -45,6 +51,7 @@ def _forward_through_stages(num_stages: int) -> torch.Tensor | None:
     module = PipelineModule(layers, num_stages=num_stages, partition_method="uniform", device="cpu")
     grid = module.mpu()
     tokens = torch.arange(12).reshape(2, 6) % VOCAB
+    out: torch.Tensor
     if grid.is_first_stage:
         out = module(tokens)
     else:
@@ -75,12 +82,17 @@ def _single_process_reference() -> torch.Tensor:
         sequential.append(layer)
     tokens = torch.arange(12).reshape(2, 6) % VOCAB
     with torch.no_grad():
-        return sequential(embedding(tokens)) @ embedding.weight.t()
+        reference: torch.Tensor = sequential(embedding(tokens)) @ embedding.weight.t()
+    return reference
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
 def test_stage_by_stage_forward_equals_one_process(num_stages: int) -> None:
-    outputs = [out for out in spawn_ranks(_forward_through_stages, num_stages, num_stages) if out is not None]
+    outputs = [
+        out
+        for out in spawn_ranks(_forward_through_stages, num_stages, num_stages)
+        if out is not None
+    ]
     assert len(outputs) == 1
     torch.testing.assert_close(outputs[0], _single_process_reference())
 
@@ -88,7 +100,7 @@ def test_stage_by_stage_forward_equals_one_process(num_stages: int) -> None:
 def _ties_after_step() -> tuple[int, list[torch.Tensor]]:
     torch.manual_seed(0)
     module = PipelineModule(gpt_layers(VOCAB, HIDDEN, DEPTH), num_stages=4, device="cpu")
-    weight = module.tied_modules["embed"].weight if "embed" in module.tied_modules else None
+    weight = _tied_weight(module, "embed") if "embed" in module.tied_modules else None
     snapshots = [] if weight is None else [weight.detach().clone()]
     if weight is not None:
         # Each copy gets a different local gradient, as the two ends of a real pipeline do.
@@ -103,7 +115,8 @@ def _ties_after_step() -> tuple[int, list[torch.Tensor]]:
 def test_tied_copies_are_equal_after_init_and_after_a_step() -> None:
     results = dict(spawn_ranks(_ties_after_step, 4))
     first, last = results[0], results[3]
-    assert results[1] == [] and results[2] == [], "middle stages hold no tied copy"
+    assert results[1] == [], "middle stages hold no tied copy"
+    assert results[2] == [], "middle stages hold no tied copy"
     assert torch.equal(first[0], last[0]), "equal after construction"
     assert torch.equal(first[1], last[1]), "equal after an optimizer step"
     # The summed gradient is 1 + 4, so each copy moved by lr * 5.
@@ -113,7 +126,11 @@ def test_tied_copies_are_equal_after_init_and_after_a_step() -> None:
 def _construct_with_rank_dependent_layers() -> str:
     hidden = 8 if dist.get_rank() != 2 else 16
     try:
-        PipelineModule([LayerSpec(torch.nn.Linear, hidden, hidden) for _ in range(4)], num_stages=4, device="cpu")
+        PipelineModule(
+            [LayerSpec(torch.nn.Linear, hidden, hidden) for _ in range(4)],
+            num_stages=4,
+            device="cpu",
+        )
     except RuntimeError as error:
         return str(error)
     return "no error"
@@ -122,13 +139,14 @@ def _construct_with_rank_dependent_layers() -> str:
 def test_ranks_that_disagree_all_raise_naming_the_layer() -> None:
     messages = spawn_ranks(_construct_with_rank_dependent_layers, 4, timeout=60)
     for message in messages:
-        assert "rank 2" in message and "layer 0 differs" in message, message
+        assert "rank 2" in message, message
+        assert "layer 0 differs" in message, message
 
 
 class Probe(torch.nn.Module):
     """Records, per process, every construction that allocated real memory."""
 
-    real_builds: list[int] = []
+    real_builds: ClassVar[list[int]] = []
 
     def __init__(self, index: int) -> None:
         super().__init__()
@@ -137,12 +155,15 @@ class Probe(torch.nn.Module):
             Probe.real_builds.append(index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        out: torch.Tensor = self.linear(x)
+        return out
 
 
 def _real_builds(method: str) -> tuple[int, list[int]]:
     Probe.real_builds = []
-    module = PipelineModule([LayerSpec(Probe, i) for i in range(8)], num_stages=4, partition_method=method, device="cpu")
+    module = PipelineModule(
+        [LayerSpec(Probe, i) for i in range(8)], num_stages=4, partition_method=method, device="cpu"
+    )
     return module.stage_id, list(Probe.real_builds)
 
 
@@ -154,7 +175,9 @@ def test_layers_of_other_stages_are_never_built(method: str) -> None:
 
 def _save(directory: str) -> None:
     torch.manual_seed(0)
-    PipelineModule(gpt_layers(VOCAB, HIDDEN, DEPTH), num_stages=4, device="cpu").save_state_dict(directory)
+    PipelineModule(gpt_layers(VOCAB, HIDDEN, DEPTH), num_stages=4, device="cpu").save_state_dict(
+        directory
+    )
 
 
 def _load(directory: str, num_stages: int) -> dict[str, torch.Tensor]:
@@ -191,8 +214,10 @@ def test_a_missing_file_raises_on_every_rank_instead_of_hanging(tmp_path: Path) 
     spawn_ranks(_save, 4, str(tmp_path))
     (tmp_path / "layer_05-model_states.pt").unlink()
     first, second = spawn_ranks(_load_missing, 2, str(tmp_path), timeout=60)
-    assert first.startswith("PipelineRankError") and "layer 5" in first
-    assert second.startswith("FileNotFoundError") and "layer_05-model_states.pt" in second
+    assert first.startswith("PipelineRankError")
+    assert "layer 5" in first
+    assert second.startswith("FileNotFoundError")
+    assert "layer_05-model_states.pt" in second
 
 
 def _three_d(directory: str) -> dict[str, Any]:
@@ -205,7 +230,7 @@ def _three_d(directory: str) -> dict[str, Any]:
     return {
         "stage": module.stage_id,
         "model": topology.get_coord(dist.get_rank()).model,
-        "embed": module.tied_modules["embed"].weight.detach().clone(),
+        "embed": _tied_weight(module, "embed").detach().clone(),
     }
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from pipetopo.testing import world_of_one
 
 from pipemodule import LayerSpec, PipelineModule, TiedLayerSpec, count_parameters, default_seed_fn
 from pipemodule.examples import FeedForwardBlock, gpt_layers
+from pipetopo.testing import world_of_one
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,13 +51,17 @@ def double(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_forward_matches_sequential_of_the_same_modules() -> None:
-    module = PipelineModule(gpt_layers(vocab_size=32, hidden=8, depth=2), num_stages=1, device="cpu")
+    module = PipelineModule(
+        gpt_layers(vocab_size=32, hidden=8, depth=2), num_stages=1, device="cpu"
+    )
     tokens = torch.randint(0, 32, (2, 5))
     embed = module.tied_modules["embed"]
     x = embed(tokens)
     for index in (1, 2, 3):
         x = module.get_submodule(str(index))(x)
-    expected = x @ embed.weight.t()
+    weight = embed.weight
+    assert isinstance(weight, torch.Tensor)
+    expected = x @ weight.t()
     torch.testing.assert_close(module(tokens), expected, rtol=0, atol=0)
     # A 1-tuple is unwrapped for the first layer, as DeepSpeed does.
     torch.testing.assert_close(module((tokens,)), expected, rtol=0, atol=0)
@@ -65,7 +69,9 @@ def test_forward_matches_sequential_of_the_same_modules() -> None:
 
 def test_state_dict_names_follow_deepspeed() -> None:
     module = PipelineModule(
-        [LayerSpec(torch.nn.Linear, 2, 2), double, *gpt_layers(16, 2, 1)], num_stages=1, device="cpu"
+        [LayerSpec(torch.nn.Linear, 2, 2), double, *gpt_layers(16, 2, 1)],
+        num_stages=1,
+        device="cpu",
     )
     names = set(module.state_dict())
     assert "0.weight" in names
@@ -219,13 +225,19 @@ def test_save_overwrites_atomically_and_leaves_no_temporary_files(tmp_path: Path
 
 def test_checkpoint_files_refuse_pickled_code(tmp_path: Path) -> None:
     module = PipelineModule([LayerSpec(torch.nn.Linear, 4, 4)], num_stages=1, device="cpu")
-    torch.save({"weight": torch.zeros(4, 4), "bias": FeedForwardBlock(1)}, tmp_path / "layer_00-model_states.pt")
+    torch.save(
+        {"weight": torch.zeros(4, 4), "bias": FeedForwardBlock(1)},
+        tmp_path / "layer_00-model_states.pt",
+    )
     with pytest.raises(RuntimeError, match="layer 0"):
         module.load_state_dir(tmp_path)
 
 
 def test_tied_spec_without_forward_fn_runs_the_module() -> None:
-    layers = [TiedLayerSpec("lin", torch.nn.Linear, 3, 3), TiedLayerSpec("lin", torch.nn.Linear, 3, 3)]
+    layers = [
+        TiedLayerSpec("lin", torch.nn.Linear, 3, 3),
+        TiedLayerSpec("lin", torch.nn.Linear, 3, 3),
+    ]
     module = PipelineModule(layers, num_stages=1, device="cpu")
     linear = module.tied_modules["lin"]
     x = torch.randn(2, 3)

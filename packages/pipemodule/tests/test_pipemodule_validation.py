@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
+from pipemodule import LayerSpec, PipelineModule, TiedLayerSpec
 from pipepartition import Boundaries
 from pipetopo import PipeDataParallelTopology, ProcessTopology
 from pipetopo.testing import world_of_one
-
-from pipemodule import LayerSpec, PipelineModule, TiedLayerSpec
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +28,12 @@ def test_world_of_one_builds_every_layer_on_cpu() -> None:
     assert module.parts == [0, 3]
     assert module.stage_id == 0
     assert sorted(name for name, _ in module.named_parameters()) == [
-        "0.bias", "0.weight", "1.bias", "1.weight", "2.bias", "2.weight",
+        "0.bias",
+        "0.weight",
+        "1.bias",
+        "1.weight",
+        "2.bias",
+        "2.weight",
     ]
     out = module(torch.ones(2, 4))
     assert out.shape == (2, 4)
@@ -69,7 +74,7 @@ def test_bad_layer_types() -> None:
     with pytest.raises(TypeError, match=r"layer 1 is the class Linear"):
         PipelineModule([torch.nn.ReLU(), torch.nn.Linear], num_stages=1, device="cpu")
     with pytest.raises(TypeError, match=r"layer 0 is 3"):
-        PipelineModule([3], num_stages=1, device="cpu")
+        PipelineModule([3], num_stages=1, device="cpu")  # type: ignore[list-item]
 
 
 def test_empty_stage_from_explicit_boundaries() -> None:

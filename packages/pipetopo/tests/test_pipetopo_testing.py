@@ -30,6 +30,16 @@ def test_results_come_back_in_rank_order() -> None:
     assert results == [(100, 3, 3, "1"), (101, 3, 3, "1"), (102, 3, 3, "1")]
 
 
+def _rank_tensor() -> torch.Tensor:
+    return torch.full((2, 3), float(dist.get_rank()))
+
+
+def test_tensors_come_back_after_their_rank_has_exited() -> None:
+    first, second = spawn_ranks(_rank_tensor, 2, timeout=60.0)
+    assert torch.equal(first, torch.zeros(2, 3))
+    assert torch.equal(second, torch.ones(2, 3))
+
+
 def _fail_on_rank_one() -> str:
     if dist.get_rank() == 1:
         raise KeyError("no such layer: 'lm_head'")

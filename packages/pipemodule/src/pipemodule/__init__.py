@@ -4,6 +4,12 @@ A drop-in for ``deepspeed.pipe``: ``from pipemodule import PipelineModule, Layer
 TiedLayerSpec`` replaces ``from deepspeed.pipe import ...``.
 """
 
+from pipemodule.__about__ import __version__
+from pipemodule._activation_checkpoint import activation_checkpoint
+from pipemodule._collective import PipelineRankError
+from pipemodule._module import PipelineModule, TiedForward
+from pipemodule._parameter_count import count_parameters
+from pipemodule._seeding import default_seed_fn
 from pipespec import LayerSpec, TiedLayerSpec
 from pipetopo import (
     PipeDataParallelTopology,
@@ -11,13 +17,6 @@ from pipetopo import (
     PipeModelDataParallelTopology,
     ProcessTopology,
 )
-
-from pipemodule.__about__ import __version__
-from pipemodule._activation_checkpoint import activation_checkpoint
-from pipemodule._collective import PipelineRankError
-from pipemodule._module import PipelineModule, TiedForward
-from pipemodule._parameter_count import count_parameters
-from pipemodule._seeding import default_seed_fn
 
 __all__ = [
     "LayerSpec",

@@ -9,14 +9,13 @@ every rank raises the same error, naming the first difference, if any two disagr
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from pipespec import Layer, LayerSpec, TiedLayerSpec
 
 from pipemodule._collective import gather_objects
+from pipespec import Layer, LayerSpec, TiedLayerSpec
 
 __all__ = ["ConstructionFingerprint", "agree_on_construction", "layer_signature"]
 
@@ -61,7 +60,7 @@ class ConstructionFingerprint:
 
 
 def _first_difference(mine: ConstructionFingerprint, theirs: ConstructionFingerprint) -> str:
-    for index, (a, b) in enumerate(zip(mine.layers, theirs.layers)):
+    for index, (a, b) in enumerate(zip(mine.layers, theirs.layers, strict=False)):
         if a != b:
             return f"layer {index} differs: {a!r} vs {b!r}"
     if len(mine.layers) != len(theirs.layers):
@@ -80,10 +79,9 @@ def agree_on_construction(
     ``RuntimeError``, which names the first rank that differs from rank 0 and the first
     difference, so no rank goes on to build a stage its peers do not expect.
     """
-    gathered = gather_objects((fingerprint, seed), group)
-    reference, reference_seed = gathered[0]  # type: ignore[misc]
-    for index, entry in enumerate(gathered):
-        other, _ = entry  # type: ignore[misc]
+    gathered: list[tuple[ConstructionFingerprint, int]] = gather_objects((fingerprint, seed), group)
+    reference, reference_seed = gathered[0]
+    for index, (other, _) in enumerate(gathered):
         if other != reference:
             rank = index if group is None else dist.get_global_rank(group, index)
             reference_rank = 0 if group is None else dist.get_global_rank(group, 0)

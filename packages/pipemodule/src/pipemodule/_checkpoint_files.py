@@ -32,7 +32,9 @@ def atomic_save(state: Mapping[str, torch.Tensor], path: Path) -> None:
     leaves a truncated checkpoint under the real name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(descriptor, "wb") as stream:
             torch.save(dict(state), stream)
@@ -71,7 +73,9 @@ def load_layer_file(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"cannot read the checkpoint of layer {layer_index} from {path}: {error}") from error
+        raise RuntimeError(
+            f"cannot read the checkpoint of layer {layer_index} from {path}: {error}"
+        ) from error
     if not isinstance(state, dict):
         raise RuntimeError(
             f"the checkpoint of layer {layer_index} at {path} holds a {type(state).__name__}, "

@@ -17,16 +17,14 @@ class PipelineRankError(RuntimeError):
     """Raised on every rank when a step failed on some rank of a collective operation."""
 
 
-def gather_objects(value: object, group: dist.ProcessGroup | None) -> list[object]:
+def gather_objects(value: T, group: dist.ProcessGroup | None) -> list[T]:
     """All-gather one picklable value per rank of ``group`` (collective over ``group``)."""
     gathered: list[object] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, value, group=group)
-    return gathered
+    return cast("list[T]", gathered)
 
 
-def run_on_every_rank(
-    what: str, step: Callable[[], T], group: dist.ProcessGroup | None
-) -> T:
+def run_on_every_rank(what: str, step: Callable[[], T], group: dist.ProcessGroup | None) -> T:
     """Run a local ``step`` on every rank of ``group``, then agree on whether it worked.
 
     A step that raises on one rank while its peers go on into the next collective would leave

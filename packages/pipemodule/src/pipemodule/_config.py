@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from pipepartition import PartitionMethod, Profile, parse_method
-from pipespec import Layer, LayerSpec
-from pipetopo import PipeDataParallelTopology, ProcessTopology
 
 from pipemodule._device import resolve_device
 from pipemodule._ties import TiedKey, index_tied_layers
+from pipepartition import PartitionMethod, Profile, parse_method
+from pipespec import Layer, LayerSpec
+from pipetopo import PipeDataParallelTopology, ProcessTopology
 
 __all__ = ["PipelineConfig", "validate_config"]
 
@@ -54,7 +54,8 @@ def _require_initialised() -> None:
 def _check_layers(layers: Iterable[Layer]) -> tuple[Layer, ...]:
     from pipemodule._module import PipelineModule  # the class being constructed
 
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+    candidate: object = layers  # typed as an iterable, but users pass anything
+    if isinstance(candidate, (str, bytes)) or not isinstance(candidate, Iterable):
         raise TypeError(
             f"layers={layers!r} is not an iterable of layers; pass a list of LayerSpec, "
             f"TiedLayerSpec, nn.Module or callables (an nn.Sequential works too)"
@@ -126,7 +127,9 @@ def _resolve_topology(
     return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
 
 
-def _per_stage(name: str, values: Sequence[float] | None, num_stages: int) -> tuple[float, ...] | None:
+def _per_stage(
+    name: str, values: Sequence[float] | None, num_stages: int
+) -> tuple[float, ...] | None:
     if values is None:
         return None
     checked = tuple(values)

@@ -18,7 +18,9 @@ def default_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank = os.environ.get("LOCAL_RANK")
-    index = int(local_rank) % torch.cuda.device_count() if local_rank else torch.cuda.current_device()
+    index = (
+        int(local_rank) % torch.cuda.device_count() if local_rank else torch.cuda.current_device()
+    )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -39,6 +41,7 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
             "device='meta' would build a stage without weights; use pipespec.describe() to inspect "
             "layers without memory, or pass a real device"
         )
-    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+    index: int | None = resolved.index  # typed as int by torch, None for a bare "cuda"
+    if resolved.type == "cuda" and index is None and torch.cuda.is_available():
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved

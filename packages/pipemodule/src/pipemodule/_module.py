@@ -9,19 +9,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from pipepartition import PartitionMethod, PartitionPlan
-from pipespec import Layer, LayerSpec, TiedLayerSpec
-from pipetopo import PipelineParallelGrid, ProcessTopology
 
 from pipemodule._activation_checkpoint import CheckpointFn, activation_checkpoint
 from pipemodule._agreement import ConstructionFingerprint, agree_on_construction, layer_signature
 from pipemodule._checkpoint_files import atomic_save, layer_file, load_layer_file
 from pipemodule._collective import run_on_every_rank
-from pipemodule._config import PipelineConfig, validate_config
+from pipemodule._config import validate_config
 from pipemodule._planning import plan_stages
 from pipemodule._profile import measure_layer_costs
 from pipemodule._seeding import SeedFn, default_seed_fn, layer_init_seed
 from pipemodule._ties import TieComm, TiedKey
+from pipepartition import PartitionMethod, PartitionPlan
+from pipespec import Layer, LayerSpec, TiedLayerSpec
+from pipetopo import PipelineParallelGrid, ProcessTopology
 
 __all__ = ["PipelineModule", "TiedForward"]
 
@@ -177,9 +177,7 @@ class PipelineModule(torch.nn.Module):
         self._init_seed = agree_on_construction(fingerprint, torch.initial_seed(), group)
 
         if plan is None:
-            costs = run_on_every_rank(
-                "profiling the layers", self._profile_on_rank_zero, group
-            )
+            costs = run_on_every_rank("profiling the layers", self._profile_on_rank_zero, group)
             plan = plan_stages(config, profile=costs)
         self.plan: PartitionPlan = plan
         self.parts: list[int] = list(plan.boundaries)
@@ -338,7 +336,9 @@ class PipelineModule(torch.nn.Module):
 
     def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, dist.ProcessGroup]]:
         """``(tensor, group)`` for each tied tensor this stage holds, as DeepSpeed returns."""
-        return [(tensor, comm.group) for comm in self.tied_comms.values() for tensor in comm.tensors()]
+        return [
+            (tensor, comm.group) for comm in self.tied_comms.values() for tensor in comm.tensors()
+        ]
 
     def is_tied_copy(self, parameter: torch.Tensor) -> bool:
         """Whether ``parameter`` is a tied tensor whose owner is another stage.
@@ -479,7 +479,9 @@ class PipelineModule(torch.nn.Module):
                         f"{type(module).__name__}: {error}"
                     ) from error
 
-        run_on_every_rank(f"loading the checkpoint from {directory}", read, self._grid.process_group)
+        run_on_every_rank(
+            f"loading the checkpoint from {directory}", read, self._grid.process_group
+        )
         self._synchronize_tied_weights()
 
     def _files_to_load(self) -> list[tuple[int, torch.nn.Module]]:

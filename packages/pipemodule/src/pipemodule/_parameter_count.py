@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from pipespec import Layer, TiedLayerSpec
 
 from pipemodule._planning import describe_layers
+from pipespec import Layer, TiedLayerSpec
 
 __all__ = ["count_parameters"]
 
@@ -23,7 +23,7 @@ def count_parameters(layers: Iterable[Layer], *, trainable_only: bool = False) -
     seen_keys: set[str] = set()
     seen_modules: set[int] = set()
     total = 0
-    for layer, info in zip(layer_list, infos):
+    for layer, info in zip(layer_list, infos, strict=True):
         if isinstance(layer, TiedLayerSpec):
             if layer.key in seen_keys:
                 continue

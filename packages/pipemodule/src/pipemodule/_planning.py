@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipemodule._config import PipelineConfig
 from pipepartition import Parameters, PartitionPlan, plan_partition
 from pipespec import Layer, LayerInfo, LayerSpec, describe, layer_name
-
-from pipemodule._config import PipelineConfig
 
 __all__ = ["describe_layers", "plan_stages"]
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
 from pipespec import Layer
 
 __all__ = ["measure_layer_costs"]
@@ -39,9 +40,7 @@ def _float_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _run_once(
-    layer: Callable[[Any], Any], inputs: Any, device: torch.device
-) -> tuple[float, Any]:
+def _run_once(layer: Callable[[Any], Any], inputs: Any, device: torch.device) -> tuple[float, Any]:
     parameters = list(layer.parameters()) if isinstance(layer, torch.nn.Module) else []
     start = time.perf_counter()
     output = layer(inputs)

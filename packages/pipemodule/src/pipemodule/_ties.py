@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 from pipespec import Layer, TiedLayerSpec, resolve_tied_attr
 
 __all__ = ["TieComm", "TiedKey", "index_tied_layers"]
@@ -47,13 +48,12 @@ def index_tied_layers(layers: Sequence[Layer]) -> dict[str, TiedKey]:
             other = layers[index]
             assert isinstance(other, TiedLayerSpec)
             if not (
-                first.builds_same_module(other)
-                and first.tied_weight_attr == other.tied_weight_attr
+                first.builds_same_module(other) and first.tied_weight_attr == other.tied_weight_attr
             ):
                 raise ValueError(
                     f"tie key {key!r} is used by layers {indices[0]} and {index} with different "
-                    f"modules: {first!r} vs {other!r}; every occurrence of a key shares one module, "
-                    f"so give them the same class, arguments and tied_weight_attr (use forward_fn "
+                    f"modules: {first!r} vs {other!r}; every occurrence of a key shares one "
+                    f"module, so give them the same class, arguments and tied_weight_attr (use forward_fn "
                     f"to use the module differently), or use different keys"
                 )
         tied[key] = TiedKey(key=key, layer_indices=tuple(indices), spec=first)

@@ -57,10 +57,12 @@ def build_schedule(
     """
     name = schedule.lower()
     if name not in SCHEDULES:
-        raise ValueError(
-            f"schedule={schedule!r} is not known; use one of {sorted(SCHEDULES)}"
-        )
-    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"schedule={schedule!r} is not known; use one of {sorted(SCHEDULES)}")
+    if (
+        isinstance(n_microbatches, bool)
+        or not isinstance(n_microbatches, int)
+        or n_microbatches < 1
+    ):
         raise ValueError(f"n_microbatches={n_microbatches!r} must be a positive int")
     if name == "1f1b" and n_microbatches < module.num_stages:
         raise ValueError(
@@ -114,9 +116,7 @@ def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
     if not max_norm > 0:
         raise ValueError(f"max_norm={max_norm!r} must be > 0")
     grads = [
-        p.grad
-        for p in module.parameters()
-        if p.grad is not None and not module.is_tied_copy(p)
+        p.grad for p in module.parameters() if p.grad is not None and not module.is_tied_copy(p)
     ]
     squares = torch.zeros((), dtype=torch.float64, device=module.device)
     for grad in grads:

@@ -8,6 +8,7 @@ of identical blocks, and a final norm.
 from __future__ import annotations
 
 import torch
+
 from pipespec import Layer, LayerSpec, TiedLayerSpec
 
 __all__ = ["FeedForwardBlock", "gpt_layers", "tied_unembed"]
@@ -22,7 +23,8 @@ class FeedForwardBlock(torch.nn.Module):
         self.down = torch.nn.Linear(expansion * hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
+        out: torch.Tensor = x + self.down(torch.relu(self.up(x)))
+        return out
 
 
 def tied_unembed(embedding: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ def _receive(receiver: Connection, process: BaseProcess) -> tuple[str, Any]:
     """A rank's report: ("ok", result) or ("error", text)."""
     try:
         if receiver.poll():
-            report: tuple[str, Any] = receiver.recv()
+            report: tuple[str, Any] = pickle.loads(receiver.recv_bytes())
             return report
     except (EOFError, OSError):
         pass
@@ -230,10 +230,13 @@ def _run_rank(
             dist.destroy_process_group()
     except BaseException:
         report = ("error", traceback.format_exc())
+    # Plain pickle copies tensors into the message; the multiprocessing pickler would share
+    # their storage through file descriptors that die with this process before the parent reads.
     try:
-        sender.send(report)
+        sender.send_bytes(pickle.dumps(report))
     except Exception:
-        sender.send(("error", f"its result could not be sent back:\n{traceback.format_exc()}"))
+        failure = ("error", f"its result could not be sent back:\n{traceback.format_exc()}")
+        sender.send_bytes(pickle.dumps(failure))
     finally:
         sender.close()
 
