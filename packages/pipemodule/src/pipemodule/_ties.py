@@ -53,8 +53,8 @@ def index_tied_layers(layers: Sequence[Layer]) -> dict[str, TiedKey]:
                 raise ValueError(
                     f"tie key {key!r} is used by layers {indices[0]} and {index} with different "
                     f"modules: {first!r} vs {other!r}; every occurrence of a key shares one "
-                    f"module, so give them the same class, arguments and tied_weight_attr (use forward_fn "
-                    f"to use the module differently), or use different keys"
+                    f"module, so give them the same class, arguments and tied_weight_attr (use "
+                    f"forward_fn to use the module differently), or use different keys"
                 )
         tied[key] = TiedKey(key=key, layer_indices=tuple(indices), spec=first)
     return tied
