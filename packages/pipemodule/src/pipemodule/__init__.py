@@ -10,6 +10,14 @@ from pipemodule._collective import PipelineRankError
 from pipemodule._module import PipelineModule, TiedForward
 from pipemodule._parameter_count import count_parameters
 from pipemodule._seeding import default_seed_fn
+from pipemodule._training import (
+    SCHEDULES,
+    PipelineTrainer,
+    average_data_parallel_gradients,
+    build_schedule,
+    clip_grad_norm_,
+    pipeline_stage,
+)
 from pipespec import LayerSpec, TiedLayerSpec
 from pipetopo import (
     PipeDataParallelTopology,
@@ -19,17 +27,23 @@ from pipetopo import (
 )
 
 __all__ = [
+    "SCHEDULES",
     "LayerSpec",
     "PipeDataParallelTopology",
     "PipeModelDataParallelTopology",
     "PipelineModule",
     "PipelineParallelGrid",
     "PipelineRankError",
+    "PipelineTrainer",
     "ProcessTopology",
     "TiedForward",
     "TiedLayerSpec",
     "__version__",
     "activation_checkpoint",
+    "average_data_parallel_gradients",
+    "build_schedule",
+    "clip_grad_norm_",
     "count_parameters",
     "default_seed_fn",
+    "pipeline_stage",
 ]

@@ -108,20 +108,28 @@ def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
     """Scale the pipeline's gradients so that their global L2 norm is at most ``max_norm``.
 
     The norm is taken over the gradients of every stage (all shards of one model replica: the
-    grid's model-parallel group, pipe x model), each tied tensor counted once. Call it after
-    the gradients are averaged over data-parallel replicas, so every replica sees the same norm
-    and takes the same step. Returns the norm before clipping, the same on every rank.
+    grid's model-parallel group, pipe x model), each tensor counted once: a tied tensor on its
+    first stage only, and with a ``model`` axis, a tensor that is not split across it (no
+    ``tensor_model_parallel`` attribute, Megatron's convention) on model rank 0 only. Call it
+    after the gradients are averaged over data-parallel replicas, so every replica sees the same
+    norm and takes the same step. Returns the norm before clipping, the same on every rank.
     Collective over the model-parallel group.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm={max_norm!r} must be > 0")
+    grid = module.mpu()
+    first_slice = grid.get_slice_parallel_rank() == 0
     grads = [
-        p.grad for p in module.parameters() if p.grad is not None and not module.is_tied_copy(p)
+        p.grad
+        for p in module.parameters()
+        if p.grad is not None
+        and not module.is_tied_copy(p)
+        and (first_slice or getattr(p, "tensor_model_parallel", False))
     ]
     squares = torch.zeros((), dtype=torch.float64, device=module.device)
     for grad in grads:
         squares += grad.detach().double().pow(2).sum()
-    dist.all_reduce(squares, group=module.mpu().get_model_parallel_group())
+    dist.all_reduce(squares, group=grid.get_model_parallel_group())
     total_norm = math.sqrt(float(squares))
     scale = max_norm / (total_norm + 1e-6)
     if scale < 1.0:
