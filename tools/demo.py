@@ -1,0 +1,396 @@
+"""pipestack demo: train a character-level GPT as a pipeline, checkpoint it, reload it re-split.
+
+    python tools/demo.py                      # launches torchrun: 4 CPU ranks (gloo)
+    python tools/demo.py --device cuda        # one rank per GPU (NCCL)
+    torchrun --nproc-per-node 4 tools/demo.py # or launch it yourself (multi-node works too)
+
+The model is a small GPT (token embedding tied to the LM head, learned positions, causal
+self-attention blocks) written as a list of layer specs. The script partitions it over the
+pipeline stages, trains it with a 1F1B schedule on text it generates itself, saves a per-layer
+checkpoint, rebuilds the model with a different number of stages, loads the checkpoint and
+checks that the held-out loss is unchanged. It ends with a summary of its checks and exits
+non-zero if one failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F  # noqa: N812
+
+from pipemodule import (
+    LayerSpec,
+    PipelineModule,
+    PipelineTrainer,
+    TiedLayerSpec,
+    count_parameters,
+)
+from pipemodule.examples import tied_unembed
+from pipespec import Layer
+
+# -- the data: sentences from a small grammar, so the demo needs no download -------------------
+
+_SUBJECTS = ["the cat", "a dog", "the old sailor", "my neighbour", "the small robot", "a fox"]
+_VERBS = ["sees", "follows", "paints", "likes", "finds", "carries"]
+_OBJECTS = ["the moon", "a red kite", "the river", "an apple", "the lighthouse", "a map"]
+_ENDINGS = [".", " at noon.", " by the sea.", " again.", " in the rain."]
+
+
+def generate_text(num_sentences: int, seed: int = 0) -> str:
+    """Deterministic English-like text: the same on every rank and every run."""
+    rng = random.Random(seed)
+    sentences = [
+        f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_ENDINGS)}"
+        for _ in range(num_sentences)
+    ]
+    return " ".join(sentences)
+
+
+@dataclass(frozen=True)
+class CharData:
+    """Text encoded as character ids, split into a training and a held-out part."""
+
+    alphabet: str
+    train: torch.Tensor
+    heldout: torch.Tensor
+
+    @classmethod
+    def from_text(cls, text: str) -> CharData:
+        alphabet = "".join(sorted(set(text)))
+        ids = torch.tensor([alphabet.index(c) for c in text], dtype=torch.long)
+        cut = int(0.9 * len(ids))
+        return cls(alphabet, ids[:cut], ids[cut:])
+
+    def batch(
+        self, split: torch.Tensor, size: int, seq_len: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` windows of ``seq_len`` characters and their next characters."""
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(split) - seq_len - 1, (size,), generator=generator)
+        windows = torch.stack([split[s : s + seq_len + 1] for s in starts.tolist()])
+        return windows[:, :-1], windows[:, 1:]
+
+
+# -- the model, as layer specs --------------------------------------------------------------------
+
+
+class TokenEmbedding(torch.nn.Embedding):
+    """An embedding initialised small, as GPT-2 does, since it also serves as the LM head."""
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+
+class AddPositions(torch.nn.Module):
+    """Adds a learned embedding of each position to the token embeddings."""
+
+    def __init__(self, seq_len: int, hidden: int) -> None:
+        super().__init__()
+        self.positions = torch.nn.Parameter(torch.randn(seq_len, hidden) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.positions[: x.shape[1]]
+
+
+class CausalBlock(torch.nn.Module):
+    """A pre-norm transformer block: causal self-attention, then an MLP, both residual."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = torch.nn.LayerNorm(hidden)
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+        self.proj = torch.nn.Linear(hidden, hidden)
+        self.mlp_norm = torch.nn.LayerNorm(hidden)
+        self.up = torch.nn.Linear(hidden, 4 * hidden)
+        self.down = torch.nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(hidden, dim=-1)
+        q, k, v = (t.view(batch, seq, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, seq, hidden))
+        out: torch.Tensor = x + self.down(F.gelu(self.up(self.mlp_norm(x))))
+        return out
+
+
+def char_gpt_layers(vocab: int, seq_len: int, hidden: int, depth: int, heads: int) -> list[Layer]:
+    """The model as DeepSpeed users write it: the embedding and the LM head share one weight."""
+    return [
+        TiedLayerSpec("embed", TokenEmbedding, vocab, hidden),
+        LayerSpec(AddPositions, seq_len, hidden),
+        *[LayerSpec(CausalBlock, hidden, heads) for _ in range(depth)],
+        LayerSpec(torch.nn.LayerNorm, hidden),
+        TiedLayerSpec("embed", TokenEmbedding, vocab, hidden, forward_fn=tied_unembed),
+    ]
+
+
+def next_char_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# -- the job that runs on every rank --------------------------------------------------------------
+
+
+class Report:
+    """Prints on rank 0 only and collects the outcome of each check."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.checks: list[tuple[str, bool, str]] = []
+
+    def say(self, text: str = "") -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def check(self, name: str, passed: bool, detail: str) -> None:
+        self.checks.append((name, passed, detail))
+
+    def summary(self) -> bool:
+        self.say("\nsummary")
+        for name, passed, detail in self.checks:
+            self.say(f"  [{'PASS' if passed else 'FAIL'}] {name}: {detail}")
+        return all(passed for _, passed, _ in self.checks)
+
+
+def _progress(step: int, total: int, width: int = 24) -> str:
+    done = round(width * step / total)
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def _shared_directory(requested: str | None) -> str:
+    """A checkpoint directory every rank agrees on (rank 0 picks it when none is given)."""
+    choice = [requested]
+    if requested is None and dist.get_rank() == 0:
+        choice = [tempfile.mkdtemp(prefix="pipestack-demo-")]
+    dist.broadcast_object_list(choice, src=0)
+    assert choice[0] is not None
+    return choice[0]
+
+
+def _replica_share(
+    batch: tuple[torch.Tensor, torch.Tensor], module: PipelineModule, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This data-parallel replica's equal share of a global batch."""
+    grid = module.mpu()
+    share = batch[0].shape[0] // grid.get_data_parallel_world_size()
+    mine = slice(grid.get_data_parallel_id() * share, (grid.get_data_parallel_id() + 1) * share)
+    return batch[0][mine].to(device), batch[1][mine].to(device)
+
+
+def _tied_copies_identical(module: PipelineModule) -> bool:
+    """Whether every tied tensor equals its copy on the lowest stage holding it (collective)."""
+    identical = torch.ones((), device=module.device)
+    for weight, group in module.get_tied_weights_and_groups():
+        reference = weight.detach().clone()
+        dist.broadcast(reference, src=min(dist.get_process_group_ranks(group)), group=group)
+        if not torch.equal(reference, weight.detach()):
+            identical.zero_()
+    dist.all_reduce(identical, op=dist.ReduceOp.MIN)
+    return bool(identical.item())
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """The work of one rank; returns the process exit code."""
+    use_cuda = args.device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        return _train_save_reload(args, Report())
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_save_reload(args: argparse.Namespace, report: Report) -> int:
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
+    reload_stages = args.reload_stages or (2 if args.stages != 2 else 1)
+    for name, stages in (("--stages", args.stages), ("--reload-stages", reload_stages)):
+        if world % stages != 0:
+            report.say(f"error: {name} {stages} does not divide the {world} ranks")
+            return 2
+
+    data = CharData.from_text(generate_text(args.sentences))
+    layers = char_gpt_layers(len(data.alphabet), args.seq_len, args.hidden, args.depth, 4)
+    report.say(
+        f"pipestack demo: a character GPT of {count_parameters(layers):,} parameters "
+        f"({len(layers)} layers, vocabulary of {len(data.alphabet)} characters) on {world} "
+        f"ranks, {args.device}"
+    )
+
+    torch.manual_seed(args.seed)
+    model = PipelineModule(layers, num_stages=args.stages, loss_fn=next_char_loss, device=device)
+    grid = model.mpu()
+    report.say(
+        f"\npartition over {model.num_stages} stages x {grid.get_data_parallel_world_size()} "
+        f"data-parallel replicas (method 'parameters'):\n{model.plan.table()}"
+    )
+    trainer = PipelineTrainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=args.lr),
+        n_microbatches=args.microbatches,
+        schedule="1f1b",
+        max_grad_norm=1.0,
+    )
+    heldout = data.batch(data.heldout, args.batch_size, args.seq_len, seed=-1 % 2**31)
+    first_eval = trainer.evaluate(*_replica_share(heldout, model, model.device))
+    report.say(f"\ntraining {args.steps} steps, 1F1B, {args.microbatches} micro-batches")
+    report.say(f"  step {0:>4}/{args.steps}  held-out loss {first_eval:.3f}")
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch = data.batch(data.train, args.batch_size, args.seq_len, seed=step)
+        loss = trainer.train_step(*_replica_share(batch, model, model.device))
+        if not math.isfinite(loss):
+            report.check("training", False, f"the loss became {loss} at step {step}")
+            return 0 if report.summary() else 1
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.perf_counter() - started
+            report.say(
+                f"  step {step:>4}/{args.steps}  loss {loss:.3f}  {_progress(step, args.steps)}"
+                f"  {elapsed:.1f} s"
+            )
+    trained_eval = trainer.evaluate(*_replica_share(heldout, model, model.device))
+    report.say(f"  held-out loss {first_eval:.3f} -> {trained_eval:.3f}")
+    report.check(
+        "the loss falls",
+        trained_eval < 0.75 * first_eval,
+        f"held-out loss {first_eval:.3f} -> {trained_eval:.3f}",
+    )
+    identical = _tied_copies_identical(model)
+    report.check(
+        "tied embedding and LM head stay identical",
+        identical,
+        f"first and last stage {'agree' if identical else 'differ'} after {args.steps} steps",
+    )
+
+    directory = _shared_directory(args.checkpoint_dir)
+    try:
+        return _save_and_reload(args, report, layers, heldout, trained_eval, model, directory)
+    finally:
+        dist.barrier()
+        if args.checkpoint_dir is None and dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _save_and_reload(
+    args: argparse.Namespace,
+    report: Report,
+    layers: list[Layer],
+    heldout: tuple[torch.Tensor, torch.Tensor],
+    trained_eval: float,
+    model: PipelineModule,
+    directory: str,
+) -> int:
+    device = model.device
+    reload_stages = args.reload_stages or (2 if args.stages != 2 else 1)
+    model.save_state_dict(directory)
+    dist.barrier()
+    files = sorted(Path(directory).glob("*.pt"))
+    kept = "" if args.checkpoint_dir else " (temporary: pass --checkpoint-dir DIR to keep it)"
+    report.say(f"\nsaved {len(files)} layer files to {directory}{kept}")
+
+    torch.manual_seed(args.seed + 1)  # a different init, so only the checkpoint can match
+    reloaded = PipelineModule(
+        layers, num_stages=reload_stages, loss_fn=next_char_loss, device=device
+    )
+    reloaded.load_state_dir(directory)
+    report.say(
+        f"reloaded with {reload_stages} stages x "
+        f"{reloaded.mpu().get_data_parallel_world_size()} data-parallel replicas:\n"
+        f"{reloaded.plan.table()}"
+    )
+    evaluator = PipelineTrainer(
+        reloaded,
+        torch.optim.SGD(reloaded.parameters(), lr=0.0),
+        n_microbatches=args.microbatches,
+        schedule="gpipe",
+    )
+    reloaded_eval = evaluator.evaluate(*_replica_share(heldout, reloaded, reloaded.device))
+    report.check(
+        f"the checkpoint reloads with {reload_stages} stages",
+        abs(reloaded_eval - trained_eval) <= 1e-4 * max(1.0, trained_eval),
+        f"held-out loss {trained_eval:.6f} ({args.stages} stages) vs {reloaded_eval:.6f} "
+        f"({reload_stages} stages)",
+    )
+    return 0 if report.summary() else 1
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nproc", type=int, default=4, help="ranks to launch (default 4)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--stages", type=int, default=4, help="pipeline stages for training")
+    parser.add_argument(
+        "--reload-stages", type=int, default=0, help="stages to reload with (default: 2, or 1)"
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None, help="default: a new temporary dir")
+    parser.add_argument(
+        "--timeout", type=float, default=1200, help="seconds before the launcher stops torchrun"
+    )
+    return parser.parse_args(argv)
+
+
+def launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run this script under torchrun on ``--nproc`` local ranks."""
+    nproc = args.nproc
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("demo: error: --device cuda needs CUDA GPUs; none are visible", file=sys.stderr)
+            return 2
+        nproc = min(nproc, torch.cuda.device_count())
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        __file__,
+        *argv,
+    ]
+    try:
+        return subprocess.run(command, env=env, timeout=args.timeout, check=False).returncode
+    except subprocess.TimeoutExpired:
+        print(f"demo: error: torchrun did not finish within {args.timeout} s", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(arguments)
+    if "LOCAL_RANK" not in os.environ:
+        return launch(args, arguments)
+    return run_job(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
