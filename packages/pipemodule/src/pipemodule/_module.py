@@ -272,7 +272,7 @@ class PipelineModule(torch.nn.Module):
         """
         comms: dict[str, TieComm] = {}
         pipe_lines = self._topo.get_axis_comm_lists("pipe")
-        for key, tied in self._tied_keys().items():
+        for key, tied in sorted(self._tied_keys().items()):
             stages = sorted({self.stage_owner(index) for index in tied.layer_indices})
             if len(stages) < 2:
                 continue
@@ -429,7 +429,7 @@ class PipelineModule(torch.nn.Module):
         owned: list[tuple[int, torch.nn.Module]] = [
             (int(name), self.get_submodule(name)) for name in self.fwd_map
         ]
-        for key, tied in self._tied_keys().items():
+        for key, tied in sorted(self._tied_keys().items()):
             if key in self.tied_modules and self.stage_owner(tied.first_layer) == self.stage_id:
                 owned.append((tied.first_layer, self.tied_modules[key]))
         return sorted(owned, key=lambda entry: entry[0])
