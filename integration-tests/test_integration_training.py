@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 DEMO = Path(__file__).resolve().parents[1] / "tools" / "demo.py"
 SMALL = ["--sentences", "400", "--hidden", "32", "--depth", "2", "--batch-size", "16"]
@@ -51,3 +52,16 @@ def test_demo_refuses_a_stage_count_that_does_not_divide_the_ranks(flag: str) ->
     result = _demo(flag, "3", "--steps", "1", timeout=120)
     assert result.returncode != 0
     assert f"{flag} 3 does not divide the 4 ranks" in result.stdout + result.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_demo_on_gpus_with_nccl(tmp_path: Path) -> None:
+    gpus = min(torch.cuda.device_count(), 4)
+    result = _demo(
+        "--device", "cuda", "--nproc", str(gpus), "--stages", str(gpus), "--steps", "60",
+        "--log-every", "30", "--checkpoint-dir", str(tmp_path),
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("[PASS]") == 3, output
