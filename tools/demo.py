@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
+from torch.distributed.pipelining import ScheduleGPipe
 
 from pipemodule import (
     LayerSpec,
@@ -37,6 +38,7 @@ from pipemodule import (
     PipelineTrainer,
     TiedLayerSpec,
     count_parameters,
+    pipeline_stage,
 )
 from pipemodule.examples import tied_unembed
 from pipespec import Layer
@@ -204,6 +206,32 @@ def _tied_copies_identical(module: PipelineModule) -> bool:
     return bool(identical.item())
 
 
+def _generate(
+    module: PipelineModule, data: CharData, prompt: str, length: int, seq_len: int
+) -> str:
+    """Greedy continuation of ``prompt``: one pass through the pipeline per character.
+
+    Collective over the pipe group: the last stage picks the next character and broadcasts it
+    to the other stages, which feed the growing text back in. Each data-parallel replica
+    generates the same text.
+    """
+    grid = module.mpu()
+    schedule = ScheduleGPipe(pipeline_stage(module), n_microbatches=1)
+    ids = [data.alphabet.index(c) for c in prompt]
+    pad = data.alphabet.index(" ")
+    last_stage = grid.stage_to_global(module.num_stages - 1)
+    for _ in range(length):
+        window = torch.tensor([([pad] * seq_len + ids)[-seq_len:]], device=module.device)
+        with torch.no_grad():
+            logits = schedule.eval(window) if grid.is_first_stage else schedule.eval()
+        next_id = torch.zeros((), dtype=torch.long, device=module.device)
+        if grid.is_last_stage:
+            next_id.fill_(int(logits[0, -1].argmax()))
+        dist.broadcast(next_id, src=last_stage, group=grid.get_pipe_parallel_group())
+        ids.append(int(next_id))
+    return "".join(data.alphabet[i] for i in ids)
+
+
 def run_job(args: argparse.Namespace) -> int:
     """The work of one rank; returns the process exit code."""
     use_cuda = args.device == "cuda"
@@ -280,7 +308,7 @@ def _train_save_reload(args: argparse.Namespace, report: Report) -> int:
 
     directory = _shared_directory(args.checkpoint_dir)
     try:
-        return _save_and_reload(args, report, layers, heldout, trained_eval, model, directory)
+        return _save_and_reload(args, report, data, layers, heldout, trained_eval, model, directory)
     finally:
         dist.barrier()
         if args.checkpoint_dir is None and dist.get_rank() == 0:
@@ -290,6 +318,7 @@ def _train_save_reload(args: argparse.Namespace, report: Report) -> int:
 def _save_and_reload(
     args: argparse.Namespace,
     report: Report,
+    data: CharData,
     layers: list[Layer],
     heldout: tuple[torch.Tensor, torch.Tensor],
     trained_eval: float,
@@ -321,6 +350,8 @@ def _save_and_reload(
         schedule="gpipe",
     )
     reloaded_eval = evaluator.evaluate(*_replica_share(heldout, reloaded, reloaded.device))
+    sample = _generate(reloaded, data, args.prompt, args.sample_length, args.seq_len)
+    report.say(f"\ngreedy sample from the reloaded model: {sample!r}")
     report.check(
         f"the checkpoint reloads with {reload_stages} stages",
         abs(reloaded_eval - trained_eval) <= 1e-4 * max(1.0, trained_eval),
@@ -351,6 +382,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--sentences", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="the old ", help="start of the generated sample")
+    parser.add_argument("--sample-length", type=int, default=60, help="characters to generate")
     parser.add_argument("--checkpoint-dir", default=None, help="default: a new temporary dir")
     parser.add_argument(
         "--timeout", type=float, default=1200, help="seconds before the launcher stops torchrun"
