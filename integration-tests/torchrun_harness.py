@@ -55,6 +55,7 @@ def torchrun(
     *,
     timeout: float,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> LaunchResult:
     """Run ``script`` on ``nproc`` local ranks; never raises for the script's own failures."""
     command = [
@@ -78,6 +79,7 @@ def torchrun(
         stderr=subprocess.PIPE,
         text=True,
         env=full_env,
+        cwd=cwd,
         start_new_session=True,
     )
     timed_out = False
