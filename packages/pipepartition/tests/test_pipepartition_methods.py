@@ -90,7 +90,7 @@ def test_non_strings_are_type_errors() -> None:
 
 
 def test_boundaries_and_weights_are_checked_on_construction() -> None:
-    assert Boundaries([0, 2, 4]).boundaries == (0, 2, 4)  # type: ignore[arg-type]
+    assert Boundaries([0, 2, 4]).boundaries == (0, 2, 4)  # any sequence, stored as a tuple
     with pytest.raises(ValueError, match="are not stage boundaries"):
         Boundaries((0, 3, 2))
     with pytest.raises(ValueError, match=r"weights\[0\] is -1"):

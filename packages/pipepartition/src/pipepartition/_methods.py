@@ -85,7 +85,8 @@ class Boundaries:
         ValueError: fewer than two boundaries, not starting at 0, or decreasing.
     """
 
-    boundaries: tuple[int, ...]
+    boundaries: Sequence[int]
+    """Any sequence of ints; stored as a tuple, so methods stay hashable and immutable."""
 
     def __post_init__(self) -> None:
         given: object = self.boundaries
@@ -115,7 +116,8 @@ class Weights:
         ValueError: a weight is negative or not finite.
     """
 
-    weights: tuple[float, ...]
+    weights: Sequence[float]
+    """Any sequence of real numbers; stored as a tuple of floats or ints."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
