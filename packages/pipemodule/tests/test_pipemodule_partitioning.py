@@ -87,13 +87,17 @@ def test_partition_methods_reach_the_stages() -> None:
     }
 
 
-def test_the_first_rank_logs_the_plan_as_a_table(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("method", ["parameters", "uniform", "type:feedforward"])
+def test_the_first_rank_logs_the_plan_as_a_table(
+    caplog: pytest.LogCaptureFixture, method: str
+) -> None:
     with world_of_one(), caplog.at_level(logging.INFO, logger="pipemodule"):
-        PipelineModule(gpt_layers(16, 8, 2), num_stages=1, device="cpu")
+        PipelineModule(gpt_layers(16, 8, 2), num_stages=1, partition_method=method, device="cpu")
     [record] = [r for r in caplog.records if "pipeline partition" in r.getMessage()]
     message = record.getMessage()
     assert "Embedding, 2\N{MULTIPLICATION SIGN}FeedForwardBlock, LayerNorm, Embedding" in message
-    assert "params" in message
+    # Every method's table counts parameters: embedding 128 + 2 blocks of 552 + norm 16 + head.
+    assert "1,376" in message
     assert "100.0%" in message
 
 

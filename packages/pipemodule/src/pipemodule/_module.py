@@ -15,7 +15,7 @@ from pipemodule._agreement import ConstructionFingerprint, agree_on_construction
 from pipemodule._checkpoint_files import atomic_save, layer_file, load_layer_file
 from pipemodule._collective import run_on_every_rank
 from pipemodule._config import validate_config
-from pipemodule._planning import plan_stages
+from pipemodule._planning import plan_stages, with_parameter_counts
 from pipemodule._profile import measure_layer_costs
 from pipemodule._seeding import SeedFn, default_seed_fn, layer_init_seed
 from pipemodule._ties import TieComm, TiedKey
@@ -183,8 +183,11 @@ class PipelineModule(torch.nn.Module):
         self.parts: list[int] = list(plan.boundaries)
         self._local_start = self.parts[self.stage_id]
         self._local_stop = self.parts[self.stage_id + 1]
-        if self.global_rank == self._grid.to_global_rank(0):
-            logger.info("pipeline partition (%s):\n%s", plan.method, plan.table())
+        if self.global_rank == self._grid.to_global_rank(0) and logger.isEnabledFor(logging.INFO):
+            # Only the logging rank describes the layers (on meta) for a parameters column
+            # when the method itself did not need their counts.
+            shown = with_parameter_counts(plan, self._layer_specs)
+            logger.info("pipeline partition (%s):\n%s", plan.method, shown.table())
 
         self.forward_funcs: list[ForwardFunc] = []
         self.fwd_map: dict[str, int] = {}

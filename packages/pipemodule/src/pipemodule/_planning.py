@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from pipemodule._config import PipelineConfig
 from pipepartition import Parameters, PartitionPlan, plan_partition
 from pipespec import Layer, LayerInfo, LayerSpec, describe, layer_name
 
-__all__ = ["describe_layers", "plan_stages"]
+__all__ = ["describe_layers", "plan_stages", "with_parameter_counts"]
 
 
 def describe_layers(layers: Sequence[Layer]) -> list[LayerInfo]:
@@ -62,3 +63,11 @@ def plan_stages(config: PipelineConfig, profile: Sequence[float] | None = None) 
             f"stage needs at least one layer: use fewer stages or other boundaries"
         )
     return plan
+
+
+def with_parameter_counts(plan: PartitionPlan, layers: Sequence[Layer]) -> PartitionPlan:
+    """``plan`` with per-layer trainable parameter counts for its table, described on meta."""
+    if plan.parameters is not None:
+        return plan
+    counts = tuple(info.trainable_params for info in describe_layers(layers))
+    return dataclasses.replace(plan, parameters=counts)
