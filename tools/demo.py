@@ -252,6 +252,11 @@ def _train_save_reload(args: argparse.Namespace, report: Report) -> int:
         if world % stages != 0:
             report.say(f"error: {name} {stages} does not divide the {world} ranks")
             return 2
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if args.checkpoint_dir is None and local_world != world:
+        # Ranks on other nodes cannot read files in this node's temporary directory.
+        report.say("error: several nodes need --checkpoint-dir on storage that every node can read")
+        return 2
 
     data = CharData.from_text(generate_text(args.sentences))
     layers = char_gpt_layers(len(data.alphabet), args.seq_len, args.hidden, args.depth, 4)
