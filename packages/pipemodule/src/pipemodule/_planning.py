@@ -37,7 +37,7 @@ def plan_stages(config: PipelineConfig, profile: Sequence[float] | None = None) 
     """The partition of ``config.layers`` into stages.
 
     Layers are only described (built on the meta device) when the method or a memory limit
-    needs their parameter counts; 'uniform' and 'type:REGEX' construct nothing at all.
+    needs their parameter counts; 'uniform' and 'type:REGEX' plans construct nothing.
     """
     names = [layer_name(layer) for layer in config.layers]
     parameters: list[int] | None = None
