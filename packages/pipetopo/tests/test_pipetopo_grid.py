@@ -302,3 +302,89 @@ def test_to_device_mesh_reuses_the_grid_groups() -> None:
         assert mesh.get_group("pipe") is grid.get_pipe_parallel_group()
         assert mesh.get_group("model") is grid.get_slice_parallel_group()
         assert tuple(mesh.get_coordinate() or ()) == tuple(topo.get_coord(6))
+
+
+# ---------------------------------------------------------- DeepSpeed's attribute names
+
+
+def test_deepspeed_attributes_of_a_3d_grid() -> None:
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
+    rank = topo.get_rank(pipe=1, data=2, model=1)  # 11
+    with fake_world(12, rank):
+        grid = PipelineParallelGrid(topo)
+        assert grid._topo is topo
+        assert grid._is_grid_valid()
+        assert grid.pp_proc_group is grid.get_pipe_parallel_group()
+        assert grid.dp_proc_group is grid.get_data_parallel_group()
+        assert grid.slice_proc_group is grid.get_slice_parallel_group()
+        assert grid.ds_model_proc_group is grid.get_model_parallel_group()
+        assert _members(grid.pp_proc_group) == [5, 11]
+        assert _members(grid.dp_proc_group) == [7, 9, 11]
+        assert _members(grid.slice_proc_group) == grid.slice_group == [10, 11]
+        # pipe x model ranks of replica 2: 4, 5, 10, 11; this rank is the fourth.
+        assert _members(grid.ds_model_proc_group) == [4, 5, 10, 11]
+        assert (grid.ds_model_rank, grid.ds_model_world_size) == (3, 4)
+        assert grid.pipe_groups == [[0, 6], [1, 7], [2, 8], [3, 9], [4, 10], [5, 11]]
+        assert grid.dp_groups == [[0, 2, 4], [1, 3, 5], [6, 8, 10], [7, 9, 11]]
+        assert grid.pp_group in grid.pipe_groups
+        assert grid.dp_group in grid.dp_groups
+
+
+def test_deepspeed_rank_lists_are_fresh_copies() -> None:
+    with fake_world(4, rank=1):
+        grid = PipelineParallelGrid(PipeDataParallelTopology(2, 2))
+        grid.dp_groups[0].append(99)
+        grid.pipe_groups.clear()
+        grid.slice_group.append(99)
+        assert grid.dp_groups == [[0, 1], [2, 3]]
+        assert grid.pipe_groups == [[0, 2], [1, 3]]
+        assert grid.slice_group == [1]
+
+
+def test_deepspeed_attributes_are_read_only() -> None:
+    with fake_world(4, rank=0):
+        grid = PipelineParallelGrid(PipeDataParallelTopology(2, 2))
+        with pytest.raises(AttributeError):
+            grid.dp_groups = []  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            grid._topo = PipeDataParallelTopology(4, 1)  # type: ignore[misc]
+
+
+def test_deepspeed_attributes_without_a_model_axis() -> None:
+    with fake_world(4, rank=2):
+        grid = PipelineParallelGrid(PipeDataParallelTopology(num_pp=2, num_dp=2))
+        assert grid.slice_group == [2]
+        assert _members(grid.slice_proc_group) == [2]
+        # Without a model axis a replica's model-parallel ranks are its pipeline.
+        assert grid.ds_model_proc_group is grid.pp_proc_group
+        assert (grid.ds_model_rank, grid.ds_model_world_size) == (1, 2)
+
+
+def test_deepspeed_rank_lists_are_global_ranks_on_a_sub_group() -> None:
+    with fake_world(8, rank=5):
+        odd = dist.new_group([1, 3, 5, 7])
+        dist.new_group([0, 2, 4, 6])
+        grid = PipelineParallelGrid(PipeDataParallelTopology(2, 2), process_group=odd)
+        assert grid._is_grid_valid()  # against the grid's group (4), not the world (8)
+        assert grid.pipe_groups == [[1, 5], [3, 7]]
+        assert grid.dp_groups == [[1, 3], [5, 7]]
+        assert grid.slice_group == [5]
+        assert _members(grid.ds_model_proc_group) == [1, 5]
+        assert grid.ds_model_rank == 1
+
+
+def test_deepspeed_grid_on_16384_simulated_ranks() -> None:
+    topo = PipeModelDataParallelTopology(num_pp=16, num_mp=4, num_dp=256)
+    rank = 9000  # pipe 8, data 202, model 0
+    with fake_world(16384, rank):
+        grid = PipelineParallelGrid(topo)
+        assert grid._is_grid_valid()
+        pipe_groups, dp_groups = grid.pipe_groups, grid.dp_groups
+        assert (len(pipe_groups), len(dp_groups)) == (256 * 4, 16 * 4)
+        assert sorted(r for group in pipe_groups for r in group) == list(range(16384))
+        assert sorted(r for group in dp_groups for r in group) == list(range(16384))
+        assert grid.pp_group in pipe_groups
+        assert grid.dp_group in dp_groups
+        assert grid.slice_group == [9000, 9001, 9002, 9003]
+        assert grid.ds_model_world_size == 64
+        assert grid.ds_model_rank == 8 * 4 + 0

@@ -58,7 +58,23 @@ def _grid_2x2() -> dict[str, Any]:
         "stages": [grid.stage_to_global(s, data=d) for s in range(2) for d in range(2)],
         "same_replica": [grid.stage_to_global(s) for s in range(2)],
         "received": _pass_along_pipeline(grid),
+        # DeepSpeed's attribute spellings reach the same groups.
+        "ds_pipe": _sum_of_ranks(grid.pp_proc_group),
+        "ds_data": _sum_of_ranks(grid.dp_proc_group),
+        "ds_model": _sum_of_ranks(grid.ds_model_proc_group),
+        "ds_slice": _sum_of_ranks(grid.slice_proc_group),
+        "slice_group": grid.slice_group,
+        "valid": grid._is_grid_valid(),
+        "coords": _gathered_coords(grid),
+        "coord": grid.coord,  # pickled back to the test process by spawn_ranks
     }
+
+
+def _gathered_coords(grid: PipelineParallelGrid) -> list[Any]:
+    """Every rank's coordinate, gathered as pickled objects."""
+    coords: list[Any] = [None] * grid.world_size
+    dist.all_gather_object(coords, grid.coord)
+    return coords
 
 
 def test_groups_of_a_2x2_grid_reduce_over_exactly_their_ranks() -> None:
@@ -80,6 +96,16 @@ def test_groups_of_a_2x2_grid_reduce_over_exactly_their_ranks() -> None:
         assert got["stages"] == [0, 1, 2, 3]
         assert got["same_replica"] == pipe_line
         assert got["received"] == (None if stage == 0 else 10 * replica)
+        assert (got["ds_pipe"], got["ds_data"]) == (got["pipe"], got["data"])
+        assert got["ds_model"] == got["model_parallel"]
+        assert got["ds_slice"] == rank
+        assert got["slice_group"] == [rank]
+        assert got["valid"]
+        topo = ProcessTopology(axes=["pipe", "data"], dims=[2, 2])
+        assert got["coord"] == topo.ProcessCoord(pipe=stage, data=replica)
+        assert type(got["coord"]) is topo.ProcessCoord
+        assert got["coords"] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert [c.pipe for c in got["coords"]] == [0, 0, 1, 1]
 
 
 # ------------------------------------------------------------- pipe 2 x data 1 x model 2

@@ -32,6 +32,11 @@ def test_topology_2d() -> None:
     assert topo.get_axis_list(axis="row", idx=1) == [2, 3]
     assert topo.get_axis_list(axis="col", idx=0) == [0, 2]
     assert topo.get_axis_list(axis="col", idx=1) == [1, 3]
+    assert topo.get_coord(0) == topo.ProcessCoord(0, 0)
+    assert topo.get_coord(1) == topo.ProcessCoord(0, 1)
+    assert topo.get_coord(2) == topo.ProcessCoord(row=1, col=0)
+    assert topo.get_coord(3) == (1, 1)
+    assert topo.get_coord(3).row == 1
 
 
 def test_topology_dims() -> None:
@@ -88,8 +93,8 @@ def test_topology_3d() -> None:
     expected = [(a, b, c) for a in range(2) for b in range(2) for c in range(2)]
     for rank, (a, b, c) in enumerate(expected):
         assert topo.get_rank(a=a, b=b, c=c) == rank
-        assert topo.get_coord(rank) == ProcessCoord(("a", "b", "c"), (a, b, c))
-        assert tuple(topo.get_coord(rank)) == (a, b, c)
+        assert topo.get_coord(rank) == topo.ProcessCoord(a, b, c)
+        assert topo.get_coord(rank) == (a, b, c)
 
     assert topo.get_axis_list("a", 0) == [0, 1, 2, 3]
     assert topo.get_axis_list("a", 1) == [4, 5, 6, 7]
@@ -104,6 +109,8 @@ def test_topology_3d() -> None:
     assert topo.filter_match() == list(range(8))
     assert topo.get_coord(0).a == 0
     assert topo.get_coord(6).b == 1
+    assert topo.get_coord(0) == topo.ProcessCoord(0, 0, 0)
+    assert topo.get_coord(5) == topo.ProcessCoord(a=1, b=0, c=1)
 
 
 def test_topology_comm_list() -> None:
@@ -221,6 +228,9 @@ def test_axes_accept_tuples_and_numpy_style_ints() -> None:
         (["class"], [2], ValueError, "'class'"),
         (["_hidden"], [2], ValueError, "'_hidden'"),
         (["values"], [2], ValueError, "reserved"),
+        # Tuple methods of a coordinate: an axis of that name would hide them.
+        (["pipe", "count"], [2, 2], ValueError, "reserved"),
+        (["index"], [2], ValueError, "reserved"),
         ([], [], ValueError, "at least one axis"),
         (["a"], [2.0], TypeError, "2.0"),
         (["a"], [True], TypeError, "True"),
@@ -318,3 +328,91 @@ def test_package_exports() -> None:
         "default_topology",
     }
     assert isinstance(pipetopo.__version__, str)
+
+
+def test_coordinates_equal_and_hash_like_plain_tuples() -> None:
+    topo = ProcessTopology(axes=["pipe", "data", "model"], dims=[2, 2, 2])
+    coord = topo.get_coord(5)
+    assert coord == (1, 0, 1)
+    assert (1, 0, 1) == coord  # noqa: SIM300 - the plain tuple compares from the left too
+    assert coord != (1, 0, 0)
+    assert hash(coord) == hash((1, 0, 1))
+    assert {(1, 0, 1): "found"}[coord] == "found"
+    assert coord in {topo.ProcessCoord(1, 0, 1)}
+    assert isinstance(coord, tuple)
+    assert coord < topo.get_coord(6)
+    assert sorted([topo.get_coord(r) for r in (7, 2, 5)]) == [(0, 1, 0), (1, 0, 1), (1, 1, 1)]
+    assert coord.count(1) == 2
+    assert coord.index(0) == 1
+    assert coord[1:] == (0, 1)
+
+
+def test_topology_process_coord_is_the_class_get_coord_returns() -> None:
+    topo = ProcessTopology(axes=["pipe", "data"], dims=[2, 3])
+    assert type(topo.get_coord(4)) is topo.ProcessCoord
+    # One class per axis tuple, whichever topology asks.
+    assert PipeDataParallelTopology(4, 1).ProcessCoord is topo.ProcessCoord
+    assert ProcessTopology(["data", "pipe"], [3, 2]).ProcessCoord is not topo.ProcessCoord
+    assert issubclass(topo.ProcessCoord, ProcessCoord)
+    assert topo.ProcessCoord._fields == ("pipe", "data")
+    assert topo.ProcessCoord(1, data=2) == topo.get_coord(5)
+    assert topo.ProcessCoord._make([1, 2]) == topo.get_coord(5)
+    assert topo.get_rank(**topo.ProcessCoord(1, 2)._asdict()) == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fragment"),
+    [
+        ((1,), {}, "missing values for axes ['data']"),
+        ((1, 2, 3), {}, "takes 2 values"),
+        ((1,), {"pipe": 0}, "both by position and by name"),
+        ((), {"pipe": 1, "model": 0}, "unknown axes ['model']"),
+    ],
+)
+def test_topology_process_coord_binds_arguments_like_a_namedtuple(
+    args: tuple[int, ...], kwargs: dict[str, int], fragment: str
+) -> None:
+    topo = ProcessTopology(axes=["pipe", "data"], dims=[2, 3])
+    with pytest.raises(TypeError) as caught:
+        topo.ProcessCoord(*args, **kwargs)
+    assert fragment in str(caught.value)
+
+
+def test_coordinate_keeps_the_axes_values_constructor() -> None:
+    coord = ProcessCoord(("pipe", "data"), (1, 2))
+    topo = ProcessTopology(["pipe", "data"], [2, 3])
+    assert type(coord) is topo.ProcessCoord
+    assert coord == topo.get_coord(5)
+    assert ProcessCoord(axes=["pipe", "data"], values=[1, 2]) == coord
+    assert (coord.axes, coord.values) == (("pipe", "data"), (1, 2))
+    assert type(coord.values) is tuple
+    assert coord.as_dict() == {"pipe": 1, "data": 2}
+    assert coord.replace(data=0) == (1, 0)
+    assert type(coord.replace(data=0)) is type(coord)
+    with pytest.raises(TypeError, match="missing"):
+        ProcessCoord(("pipe", "data"))
+    with pytest.raises(TypeError, match=r"topology\.ProcessCoord"):
+        ProcessCoord(pipe=1, data=2)
+    with pytest.raises(ValueError, match="reserved"):
+        ProcessCoord(("index",), (0,))
+    with pytest.raises(ValueError, match="unique"):
+        ProcessCoord(("a", "a"), (0, 0))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_coordinate_pickles_to_the_same_class(protocol: int) -> None:
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
+    coord = topo.get_coord(11)
+    restored = pickle.loads(pickle.dumps({"where": coord}, protocol=protocol))["where"]
+    assert restored == coord
+    assert type(restored) is topo.ProcessCoord
+    assert restored.model == 1
+    assert repr(restored) == "ProcessCoord(pipe=1, data=2, model=1)"
+
+
+def test_coordinate_copies_are_equal_coordinates_of_the_same_class() -> None:
+    coord = ProcessTopology(["pipe", "data"], [2, 2]).get_coord(3)
+    for duplicate in (copy.copy(coord), copy.deepcopy(coord), copy.deepcopy([coord])[0]):
+        assert duplicate == coord
+        assert type(duplicate) is type(coord)
+        assert duplicate.data == 1

@@ -389,6 +389,71 @@ class PipelineParallelGrid:
             return self.get_axis_group("model")
         return self._group((self._rank,))
 
+    # ------------------------------------------------- DeepSpeed's attribute spellings
+    # DeepSpeed's grid exposes these as plain attributes that user code reads directly; here
+    # they are read-only views of the accessors above, with the same meanings.
+
+    @property
+    def _topo(self) -> ProcessTopology:
+        """The topology (DeepSpeed's attribute name); see `topology()`."""
+        return self._topology
+
+    def _is_grid_valid(self) -> bool:
+        """Whether the topology's dims multiply to the size of `process_group`.
+
+        DeepSpeed compares with the default group; this grid lives in `process_group`, so
+        that is the size it must fill. Construction refuses any other grid, so this holds for
+        every grid that exists while its process group does.
+        """
+        return math.prod(self._topology.dims) == dist.get_world_size(self._process_group)
+
+    @property
+    def pp_proc_group(self) -> ProcessGroup:
+        """This rank's pipe group; see `get_pipe_parallel_group`."""
+        return self.get_pipe_parallel_group()
+
+    @property
+    def dp_proc_group(self) -> ProcessGroup:
+        """This rank's data group; see `get_data_parallel_group`."""
+        return self.get_data_parallel_group()
+
+    @property
+    def slice_proc_group(self) -> ProcessGroup:
+        """This rank's slice (tensor-parallel) group; see `get_slice_parallel_group`."""
+        return self.get_slice_parallel_group()
+
+    @property
+    def ds_model_proc_group(self) -> ProcessGroup:
+        """All ranks sharing this rank's data coordinate; see `get_model_parallel_group`."""
+        return self.get_model_parallel_group()
+
+    @property
+    def ds_model_rank(self) -> int:
+        """This rank's position among the pipe x model ranks of its replica."""
+        return self.get_model_parallel_rank()
+
+    @property
+    def ds_model_world_size(self) -> int:
+        """The number of ranks holding one replica of the model: stages x slices."""
+        return self.get_model_parallel_world_size()
+
+    @property
+    def dp_groups(self) -> list[list[int]]:
+        """Every data group of the grid as global ranks, in `get_axis_comm_lists` order."""
+        return [self._to_global(ranks) for ranks in self._topology.get_axis_comm_lists("data")]
+
+    @property
+    def pipe_groups(self) -> list[list[int]]:
+        """Every pipe group of the grid as global ranks, in `get_axis_comm_lists` order."""
+        return [self._to_global(ranks) for ranks in self._topology.get_axis_comm_lists("pipe")]
+
+    @property
+    def slice_group(self) -> list[int]:
+        """The global ranks of this rank's slice group; just this rank without a model axis."""
+        if "model" in self._topology.axes:
+            return self.get_axis_group_ranks("model")
+        return self._to_global((self._rank,))
+
     # Megatron spellings of the same accessors.
     get_tensor_model_parallel_rank = get_slice_parallel_rank
     get_tensor_model_parallel_world_size = get_slice_parallel_world_size

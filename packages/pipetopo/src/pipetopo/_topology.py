@@ -13,13 +13,16 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipetopo._coord import ProcessCoord
+from pipetopo._coord import ProcessCoord as _Coord
+from pipetopo._coord import coord_class, reserved_axis_names
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-# Axis names that would be shadowed by ProcessCoord's own attributes (`coord.values` etc.).
-_RESERVED_AXIS_NAMES = frozenset(name for name in dir(ProcessCoord) if not name.startswith("_"))
+# Axis names that would shadow a coordinate's own attributes: `coord.values`, `coord.replace`,
+# and the tuple methods `coord.count` / `coord.index` (DeepSpeed's namedtuples let an axis
+# silently hide those; here the topology refuses the name up front).
+_RESERVED_AXIS_NAMES = reserved_axis_names()
 
 
 def _as_int(value: object, what: str) -> int:
@@ -103,9 +106,10 @@ class ProcessTopology:
             lengths differ.
     """
 
-    __slots__ = ("_axes", "_dims", "_strides", "_world_size")
+    __slots__ = ("_axes", "_coord_class", "_dims", "_strides", "_world_size")
 
     _axes: tuple[str, ...]
+    _coord_class: type[_Coord]
     _dims: tuple[int, ...]
     _strides: tuple[int, ...]
     _world_size: int
@@ -115,6 +119,7 @@ class ProcessTopology:
         sizes = _check_dims(dims, names)
         strides = tuple(math.prod(sizes[i + 1 :]) for i in range(len(sizes)))
         object.__setattr__(self, "_axes", names)
+        object.__setattr__(self, "_coord_class", coord_class(names))
         object.__setattr__(self, "_dims", sizes)
         object.__setattr__(self, "_strides", strides)
         object.__setattr__(self, "_world_size", math.prod(sizes))
@@ -182,7 +187,16 @@ class ProcessTopology:
             rank += self._check_value(axis, coord[axis], size) * stride
         return rank
 
-    def get_coord(self, rank: int) -> ProcessCoord:
+    @property
+    def ProcessCoord(self) -> type[_Coord]:  # noqa: N802 - DeepSpeed's attribute name
+        """The coordinate class of this topology's axes (DeepSpeed's per-topology namedtuple).
+
+        ``topo.ProcessCoord(1, 0, 1)`` or ``topo.ProcessCoord(pipe=1, data=0, model=1)``; it is
+        the type `get_coord` returns, shared by every topology with the same axes.
+        """
+        return self._coord_class
+
+    def get_coord(self, rank: int) -> _Coord:
         """The coordinate of ``rank``; its axes read as attributes (``coord.pipe``).
 
         Raises:
@@ -193,7 +207,7 @@ class ProcessTopology:
         for stride in self._strides:
             value, remainder = divmod(remainder, stride)
             values.append(value)
-        return ProcessCoord(self._axes, tuple(values))
+        return self._coord_class._make(values)
 
     def filter_match(self, /, **coord: int) -> list[int]:
         """The ranks, ascending, whose coordinates match every given axis value.
