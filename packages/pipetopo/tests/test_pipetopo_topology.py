@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from typing import Any
 
 import pytest
@@ -416,3 +417,16 @@ def test_coordinate_copies_are_equal_coordinates_of_the_same_class() -> None:
         assert duplicate == coord
         assert type(duplicate) is type(coord)
         assert duplicate.data == 1
+
+
+@pytest.mark.parametrize(
+    ("axes", "dims", "named"),
+    [(["pipe"], [2.5], "2.5"), (["pipe"], ["2"], "'2'"), ([3], [2], "3"), (["a"], [True], "True")],
+)
+def test_wrongly_typed_axes_and_dims_are_also_value_errors(
+    axes: list[Any], dims: list[Any], named: str
+) -> None:
+    # The issue and DeepSpeed users expect ValueError for a bad dim; it stays a TypeError too.
+    with pytest.raises(ValueError, match=re.escape(named)) as caught:
+        ProcessTopology(axes, dims)
+    assert isinstance(caught.value, TypeError)

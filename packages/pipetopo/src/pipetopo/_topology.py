@@ -25,21 +25,26 @@ if TYPE_CHECKING:
 _RESERVED_AXIS_NAMES = reserved_axis_names()
 
 
+class _BadTypeError(TypeError, ValueError):
+    """A value of the wrong type: a ``TypeError``, and also the ``ValueError`` (bad value)
+    that DeepSpeed users and the topology's documentation lead callers to catch."""
+
+
 def _as_int(value: object, what: str) -> int:
     """`value` as an int (numpy integers included); bool and floats are type errors."""
     if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got the bool {value!r}; pass an int.")
+        raise _BadTypeError(f"{what} must be an int, got the bool {value!r}; pass an int.")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(
+        raise _BadTypeError(
             f"{what} must be an int, got {value!r} of type {type(value).__name__}; pass an int."
         ) from None
 
 
 def _check_axes(axes: Sequence[str]) -> tuple[str, ...]:
     if isinstance(axes, str) or not isinstance(axes, Iterable):
-        raise TypeError(
+        raise _BadTypeError(
             f"axes must be a sequence of axis names such as ['pipe', 'data'], got {axes!r}."
         )
     names = tuple(axes)
@@ -47,7 +52,7 @@ def _check_axes(axes: Sequence[str]) -> tuple[str, ...]:
         raise ValueError("axes is empty; a topology needs at least one axis, e.g. ['data'].")
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"axis names must be str, got {name!r} in axes={list(names)!r}.")
+            raise _BadTypeError(f"axis names must be str, got {name!r} in axes={list(names)!r}.")
         if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
             raise ValueError(
                 f"axis name {name!r} in axes={list(names)!r} is not usable as an attribute; "
@@ -69,7 +74,7 @@ def _check_axes(axes: Sequence[str]) -> tuple[str, ...]:
 
 def _check_dims(dims: Sequence[int], axes: tuple[str, ...]) -> tuple[int, ...]:
     if not isinstance(dims, Iterable):
-        raise TypeError(f"dims must be a sequence of ints such as [2, 4], got {dims!r}.")
+        raise _BadTypeError(f"dims must be a sequence of ints such as [2, 4], got {dims!r}.")
     sizes = tuple(_as_int(d, f"dims entry {d!r}") for d in dims)
     if len(sizes) != len(axes):
         raise ValueError(
@@ -101,7 +106,8 @@ class ProcessTopology:
     [[0, 4], [1, 5], [2, 6], [3, 7]]
 
     Raises:
-        TypeError: ``axes`` is not a sequence of str or a dim is not an int.
+        TypeError: ``axes`` is not a sequence of str or a dim is not an int (the exception is
+            also a ``ValueError``, the bad value it is).
         ValueError: an axis name is not a unique identifier, a dim is not positive, or the
             lengths differ.
     """
