@@ -178,6 +178,40 @@ _CLASSES: dict[tuple[str, ...], type[ProcessCoord]] = {}
 _CLASSES_LOCK = threading.Lock()
 
 
+class BadTypeError(TypeError, ValueError):
+    """A value of the wrong type: a ``TypeError``, and also the ``ValueError`` (bad value)
+    that DeepSpeed users and the topology's documentation lead callers to catch."""
+
+
+def check_axis_names(names: tuple[str, ...]) -> None:
+    """Raise unless every name can be a coordinate attribute: a unique, unreserved identifier.
+
+    Raises:
+        BadTypeError: a name is not a str.
+        ValueError: a name is not an identifier, starts with ``_``, is reserved (see
+            `reserved_axis_names`), or repeats.
+    """
+    for name in names:
+        if not isinstance(name, str):
+            raise BadTypeError(f"axis names must be str, got {name!r} in axes={list(names)!r}.")
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise ValueError(
+                f"axis name {name!r} in axes={list(names)!r} is not usable as an attribute; "
+                "use a Python identifier that does not start with '_', e.g. 'pipe'."
+            )
+        if name in _RESERVED:
+            raise ValueError(
+                f"axis name {name!r} in axes={list(names)!r} is reserved by ProcessCoord "
+                f"(reserved: {sorted(_RESERVED)}); choose another name."
+            )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(
+            f"axis names must be unique, but {duplicates} repeat in axes={list(names)!r}; "
+            "give every axis its own name."
+        )
+
+
 def coord_class(axes: Sequence[str]) -> type[ProcessCoord]:
     """The `ProcessCoord` subclass for ``axes``: one per axis tuple, created on first use.
 
@@ -189,21 +223,7 @@ def coord_class(axes: Sequence[str]) -> type[ProcessCoord]:
     cls = _CLASSES.get(key)
     if cls is not None:
         return cls
-    for name in key:
-        if not isinstance(name, str):
-            raise TypeError(f"axis names must be str, got {name!r} in axes={list(key)!r}.")
-        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
-            raise ValueError(
-                f"axis name {name!r} in axes={list(key)!r} is not usable as an attribute; "
-                "use a Python identifier that does not start with '_', e.g. 'pipe'."
-            )
-        if name in _RESERVED:
-            raise ValueError(
-                f"axis name {name!r} in axes={list(key)!r} is reserved by ProcessCoord "
-                f"(reserved: {sorted(_RESERVED)}); choose another name."
-            )
-    if len(set(key)) != len(key):
-        raise ValueError(f"axis names must be unique, got axes={list(key)!r}.")
+    check_axis_names(key)
     namespace: dict[str, Any] = {
         "__slots__": (),
         "__module__": __name__,

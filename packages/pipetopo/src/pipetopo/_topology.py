@@ -7,74 +7,45 @@ be built, inspected and compared on a laptop or in a planning job.
 from __future__ import annotations
 
 import itertools
-import keyword
 import math
 import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pipetopo._coord import BadTypeError, check_axis_names, coord_class
 from pipetopo._coord import ProcessCoord as _Coord
-from pipetopo._coord import coord_class, reserved_axis_names
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-# Axis names that would shadow a coordinate's own attributes: `coord.values`, `coord.replace`,
-# and the tuple methods `coord.count` / `coord.index` (DeepSpeed's namedtuples let an axis
-# silently hide those; here the topology refuses the name up front).
-_RESERVED_AXIS_NAMES = reserved_axis_names()
-
-
-class _BadTypeError(TypeError, ValueError):
-    """A value of the wrong type: a ``TypeError``, and also the ``ValueError`` (bad value)
-    that DeepSpeed users and the topology's documentation lead callers to catch."""
 
 
 def _as_int(value: object, what: str) -> int:
     """`value` as an int (numpy integers included); bool and floats are type errors."""
     if isinstance(value, bool):
-        raise _BadTypeError(f"{what} must be an int, got the bool {value!r}; pass an int.")
+        raise BadTypeError(f"{what} must be an int, got the bool {value!r}; pass an int.")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise _BadTypeError(
+        raise BadTypeError(
             f"{what} must be an int, got {value!r} of type {type(value).__name__}; pass an int."
         ) from None
 
 
 def _check_axes(axes: Sequence[str]) -> tuple[str, ...]:
     if isinstance(axes, str) or not isinstance(axes, Iterable):
-        raise _BadTypeError(
+        raise BadTypeError(
             f"axes must be a sequence of axis names such as ['pipe', 'data'], got {axes!r}."
         )
     names = tuple(axes)
     if not names:
         raise ValueError("axes is empty; a topology needs at least one axis, e.g. ['data'].")
-    for name in names:
-        if not isinstance(name, str):
-            raise _BadTypeError(f"axis names must be str, got {name!r} in axes={list(names)!r}.")
-        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
-            raise ValueError(
-                f"axis name {name!r} in axes={list(names)!r} is not usable as an attribute; "
-                "use a Python identifier that does not start with '_', e.g. 'pipe'."
-            )
-        if name in _RESERVED_AXIS_NAMES:
-            raise ValueError(
-                f"axis name {name!r} in axes={list(names)!r} is reserved by ProcessCoord "
-                f"(reserved: {sorted(_RESERVED_AXIS_NAMES)}); choose another name."
-            )
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(
-            f"axis names must be unique, but {duplicates} repeat in axes={list(names)!r}; "
-            "give every axis its own name."
-        )
+    check_axis_names(names)
     return names
 
 
 def _check_dims(dims: Sequence[int], axes: tuple[str, ...]) -> tuple[int, ...]:
     if not isinstance(dims, Iterable):
-        raise _BadTypeError(f"dims must be a sequence of ints such as [2, 4], got {dims!r}.")
+        raise BadTypeError(f"dims must be a sequence of ints such as [2, 4], got {dims!r}.")
     sizes = tuple(_as_int(d, f"dims entry {d!r}") for d in dims)
     if len(sizes) != len(axes):
         raise ValueError(
