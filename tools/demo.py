@@ -244,10 +244,15 @@ def run_job(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
+def _reload_stages(args: argparse.Namespace) -> int:
+    """--reload-stages, by default a stage count different from --stages."""
+    return int(args.reload_stages or (2 if args.stages != 2 else 1))
+
+
 def _train_save_reload(args: argparse.Namespace, report: Report) -> int:
     world = dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else None
-    reload_stages = args.reload_stages or (2 if args.stages != 2 else 1)
+    reload_stages = _reload_stages(args)
     for name, stages in (("--stages", args.stages), ("--reload-stages", reload_stages)):
         if world % stages != 0:
             report.say(f"error: {name} {stages} does not divide the {world} ranks")
@@ -331,7 +336,7 @@ def _save_and_reload(
     directory: str,
 ) -> int:
     device = model.device
-    reload_stages = args.reload_stages or (2 if args.stages != 2 else 1)
+    reload_stages = _reload_stages(args)
     model.save_state_dict(directory)
     dist.barrier()
     files = sorted(Path(directory).glob("*.pt"))
