@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import keyword
 import logging
 import pickle
 from typing import Any
@@ -203,7 +204,10 @@ argument_values = st.recursive(
     lambda children: st.tuples(children, children) | st.lists(children, max_size=3),
     max_leaves=6,
 )
-keyword_names = st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True)
+# Names a call can use as keyword arguments: Python's own keywords (`as`, `if`) cannot be.
+keyword_names = st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True).filter(
+    lambda name: not keyword.iskeyword(name)
+)
 
 
 @given(
