@@ -2,7 +2,9 @@
 
 * `torchrun` runs ``python -m torch.distributed.run --standalone --nproc-per-node N script``
   with ``OMP_NUM_THREADS=1`` and a timeout; on a timeout (or any interruption, e.g.
-  pytest-timeout) it kills the whole process group, so no worker outlives the test.
+  pytest-timeout) it kills the whole process group, so no worker outlives the test. Each
+  rank's stdout goes to its own file (``--redirects``) and comes back in rank order: ranks
+  writing to one shared pipe tear each other's lines.
 * `LaunchCache` makes a launch happen once per pytest session even under pytest-xdist, where
   every worker process would otherwise run its own copy of a module-scoped fixture: the first
   worker to ask launches while holding a file lock, the others wait for it and read its result.
@@ -16,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -57,17 +60,43 @@ def torchrun(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> LaunchResult:
-    """Run ``script`` on ``nproc`` local ranks; never raises for the script's own failures."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        str(script),
-        *args,
-    ]
+    """Run ``script`` on ``nproc`` local ranks; never raises for the script's own failures.
+
+    ``stdout`` of the result is every rank's stdout, whole, rank 0 first; ``stderr`` is
+    torchrun's and the ranks' stderr as they wrote it.
+    """
+    with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as log_dir:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "--log-dir",
+            log_dir,
+            "--redirects",
+            "1",  # stdout only: stderr stays live for tracebacks and timeouts
+            str(script),
+            *args,
+        ]
+        result = _launch(command, timeout=timeout, env=env, cwd=cwd)
+        return _with_rank_stdout(result, Path(log_dir), nproc)
+
+
+def _with_rank_stdout(result: LaunchResult, log_dir: Path, nproc: int) -> LaunchResult:
+    """``result`` with the ranks' stdout files, in rank order, after torchrun's own stdout."""
+    parts = [result.stdout]
+    for rank in range(nproc):
+        parts.extend(
+            path.read_text() for path in sorted(log_dir.glob(f"*/attempt_*/{rank}/stdout.log"))
+        )
+    return LaunchResult(**{**asdict(result), "stdout": "".join(parts)})
+
+
+def _launch(
+    command: list[str], *, timeout: float, env: dict[str, str] | None, cwd: Path | None
+) -> LaunchResult:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     start = time.monotonic()
     # A new session makes torchrun the leader of a process group holding all its workers: a
