@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -91,7 +91,7 @@ def _with_rank_stdout(result: LaunchResult, log_dir: Path, nproc: int) -> Launch
         parts.extend(
             path.read_text() for path in sorted(log_dir.glob(f"*/attempt_*/{rank}/stdout.log"))
         )
-    return LaunchResult(**{**asdict(result), "stdout": "".join(parts)})
+    return replace(result, stdout="".join(parts))
 
 
 def _launch(
