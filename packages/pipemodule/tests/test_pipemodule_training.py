@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 
 from pipemodule import (
@@ -147,3 +149,26 @@ def test_bad_training_arguments_are_refused_before_any_step() -> None:
         inputs, targets = _batches()[0]
         with pytest.raises(ValueError, match="batch size 8"):
             trainer.train_step(inputs, targets)
+
+
+def _default_group_references_held_while_training() -> int:
+    """References to the default group that a live 2-stage model and its trainer hold."""
+    world = dist.group.WORLD
+    before = sys.getrefcount(world)
+    torch.manual_seed(0)
+    module = PipelineModule(
+        gpt_layers(VOCAB, HIDDEN, DEPTH), num_stages=2, loss_fn=_loss, device="cpu"
+    )
+    optimizer = torch.optim.SGD(module.parameters(), lr=LR)
+    trainer = PipelineTrainer(module, optimizer, n_microbatches=2, max_grad_norm=MAX_NORM)
+    inputs, targets = _batches()[0]
+    trainer.train_step(inputs, targets)
+    module.get_tied_weights_and_groups()
+    return sys.getrefcount(world) - before
+
+
+def test_a_live_model_and_trainer_do_not_keep_the_default_group_alive() -> None:
+    # Two stages on two ranks: the pipe group and the tie group are the whole job. A script's
+    # model and trainer live on after it calls destroy_process_group(); holding the default
+    # group would free its backend only at interpreter shutdown, where gloo aborts the process.
+    assert spawn_ranks(_default_group_references_held_while_training, 2) == [0, 0]

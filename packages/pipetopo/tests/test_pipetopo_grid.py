@@ -388,3 +388,11 @@ def test_deepspeed_grid_on_16384_simulated_ranks() -> None:
         assert grid.slice_group == [9000, 9001, 9002, 9003]
         assert grid.ds_model_world_size == 64
         assert grid.ds_model_rank == 8 * 4 + 0
+
+
+def test_grid_used_after_destroy_process_group_says_so() -> None:
+    with fake_world(4, rank=1):
+        grid = PipelineParallelGrid(PipeDataParallelTopology(num_pp=4, num_dp=1))
+        assert grid.get_pipe_parallel_group() is dist.group.WORLD
+    with pytest.raises(RuntimeError, match=r"destroy_process_group\(\) was called"):
+        grid.get_pipe_parallel_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -185,3 +186,25 @@ def test_grid_honours_its_process_group() -> None:
         assert got["mesh"] == [[1, 2], [3, 4]]
         assert got["received"] == (None if stage == 0 else 10 * (1 + replica))
         assert got["world"] == 10
+
+
+# ---------------------------------------------------------------------- teardown
+
+
+def _default_group_references_held_by_a_grid() -> tuple[int, bool]:
+    """References to the default group a live 2-stage grid holds, and the groups it hands out."""
+    world = dist.group.WORLD
+    before = sys.getrefcount(world)
+    grid = PipelineParallelGrid(PipeDataParallelTopology(num_pp=2, num_dp=1))
+    handed_out = (grid.process_group, grid.get_pipe_parallel_group(), grid.group_for([0, 1]))
+    all_default = all(group is world for group in handed_out)
+    del handed_out
+    return sys.getrefcount(world) - before, all_default
+
+
+def test_a_live_grid_does_not_keep_the_default_group_alive() -> None:
+    # A grid still referenced when a script calls destroy_process_group() must not keep the
+    # default group's backend alive until interpreter shutdown, where gloo aborts the process.
+    for held, all_default in spawn_ranks(_default_group_references_held_by_a_grid, 2):
+        assert all_default, "the grid's whole-world groups are the default group"
+        assert held == 0

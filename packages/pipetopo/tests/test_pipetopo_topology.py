@@ -326,7 +326,9 @@ def test_package_exports() -> None:
         "ProcessCoord",
         "ProcessTopology",
         "__version__",
+        "default_if_none",
         "default_topology",
+        "none_if_default",
     }
     assert isinstance(pipetopo.__version__, str)
 

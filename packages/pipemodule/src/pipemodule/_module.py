@@ -21,7 +21,7 @@ from pipemodule._seeding import SeedFn, default_seed_fn, layer_init_seed
 from pipemodule._ties import TieComm, TiedKey
 from pipepartition import PartitionMethod, PartitionPlan
 from pipespec import Layer, LayerSpec, TiedLayerSpec
-from pipetopo import PipelineParallelGrid, ProcessTopology
+from pipetopo import PipelineParallelGrid, ProcessTopology, default_if_none, none_if_default
 
 __all__ = ["PipelineModule", "TiedForward"]
 
@@ -287,7 +287,7 @@ class PipelineModule(torch.nn.Module):
                     comms[key] = TieComm(
                         key=key,
                         ranks=global_ranks,
-                        group=group,
+                        group=none_if_default(group),
                         attrs=self.tied_weight_attrs[key],
                         module=self.tied_modules[key],
                     )
@@ -340,7 +340,9 @@ class PipelineModule(torch.nn.Module):
     def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, dist.ProcessGroup]]:
         """``(tensor, group)`` for each tied tensor this stage holds, as DeepSpeed returns."""
         return [
-            (tensor, comm.group) for comm in self.tied_comms.values() for tensor in comm.tensors()
+            (tensor, default_if_none(comm.group))
+            for comm in self.tied_comms.values()
+            for tensor in comm.tensors()
         ]
 
     def is_tied_copy(self, parameter: torch.Tensor) -> bool:

@@ -67,7 +67,8 @@ class TieComm:
     key: str
     ranks: tuple[int, ...]
     """Global ranks holding a copy, lowest stage first; the first one owns the values."""
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | None
+    """None for the default group (see `pipetopo.none_if_default`)."""
     attrs: tuple[str, ...]
     module: torch.nn.Module
 

@@ -12,6 +12,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from pipemodule._module import PipelineModule
+from pipetopo import none_if_default
 
 __all__ = [
     "SCHEDULES",
@@ -40,7 +41,7 @@ def pipeline_stage(module: PipelineModule) -> PipelineStage:
         stage_index=module.stage_id,
         num_stages=module.num_stages,
         device=module.device,
-        group=module.mpu().get_pipe_parallel_group(),
+        group=none_if_default(module.mpu().get_pipe_parallel_group()),
     )
 
 

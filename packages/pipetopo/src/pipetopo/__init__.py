@@ -3,6 +3,7 @@
 from pipetopo.__about__ import __version__
 from pipetopo._coord import ProcessCoord
 from pipetopo._grid import PipelineParallelGrid
+from pipetopo._groups import default_if_none, none_if_default
 from pipetopo._topology import (
     PipeDataParallelTopology,
     PipeModelDataParallelTopology,
@@ -17,5 +18,7 @@ __all__ = [
     "ProcessCoord",
     "ProcessTopology",
     "__version__",
+    "default_if_none",
     "default_topology",
+    "none_if_default",
 ]

@@ -12,7 +12,13 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from pipetopo._coord import ProcessCoord
-from pipetopo._groups import GroupCache, default_group_bound_to_device, uses_split_group
+from pipetopo._groups import (
+    GroupCache,
+    default_group_bound_to_device,
+    default_if_none,
+    none_if_default,
+    uses_split_group,
+)
 from pipetopo._topology import ProcessTopology, _as_int, default_topology
 
 if TYPE_CHECKING:
@@ -118,7 +124,7 @@ class PipelineParallelGrid:
             )
 
         self._topology = topo
-        self._process_group = group
+        self._process_group = none_if_default(group)
         self._global_ranks = global_ranks
         self._rank = rank
         self._coord = topo.get_coord(rank)
@@ -163,7 +169,7 @@ class PipelineParallelGrid:
     @property
     def process_group(self) -> ProcessGroup:
         """The group the grid lives in (the default group unless one was given)."""
-        return self._process_group
+        return default_if_none(self._process_group)
 
     def topology(self) -> ProcessTopology:
         """The grid's topology; its ranks are ranks within `process_group`."""
@@ -405,7 +411,7 @@ class PipelineParallelGrid:
         that is the size it must fill. Construction refuses any other grid, so this holds for
         every grid that exists while its process group does.
         """
-        return math.prod(self._topology.dims) == dist.get_world_size(self._process_group)
+        return math.prod(self._topology.dims) == dist.get_world_size(self.process_group)
 
     @property
     def pp_proc_group(self) -> ProcessGroup:

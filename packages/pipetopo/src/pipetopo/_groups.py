@@ -13,6 +13,15 @@ Two exceptions keep this cheap:
   no global counter), so no rank has to call into the W single-rank groups of the others.
   Under eager NCCL (a device bound to the default group) that shortcut would block in
   ``ncclCommSplit``, so there every set, single ranks included, goes through ``split_group``.
+
+[Note: the default group is never kept]
+``destroy_process_group()`` frees the default group's backend only if nothing else still
+references its ``ProcessGroup``; one that survives until interpreter shutdown is torn down
+there, and with gloo (torch 2.13) that aborts the process ("terminate called without an active
+exception") in about one exit of four, after a script that did everything right. Objects that
+outlive a training script (grids, pipeline modules, tie groups, pipeline stages) therefore keep
+None in its place, which every torch.distributed call reads as the default group, and look the
+group up when they use it.
 """
 
 from __future__ import annotations
@@ -29,6 +38,27 @@ logger = logging.getLogger(__name__)
 def default_group_bound_to_device() -> bool:
     """Whether the default group was initialised eagerly on a device (``device_id=...``)."""
     return getattr(dist.group.WORLD, "bound_device_id", None) is not None
+
+
+def none_if_default(group: ProcessGroup) -> ProcessGroup | None:
+    """``group`` as a long-lived object keeps it: None for the default group.
+
+    See [Note: the default group is never kept]; `default_if_none` turns it back.
+    """
+    return None if group is dist.group.WORLD else group
+
+
+def default_if_none(group: ProcessGroup | None) -> ProcessGroup:
+    """The group that `none_if_default` kept as ``group``."""
+    if group is not None:
+        return group
+    world = dist.group.WORLD
+    if not isinstance(world, ProcessGroup):
+        raise RuntimeError(
+            "the default process group is gone (destroy_process_group() was called); "
+            "use a pipeline grid only between init_process_group() and destroy_process_group()."
+        )
+    return world
 
 
 def uses_split_group() -> bool:
@@ -59,7 +89,7 @@ class GroupCache:
         rank: int,
         world_size: int,
     ) -> None:
-        self._process_group = process_group
+        self._process_group = none_if_default(process_group)
         self._global_ranks = global_ranks
         self._rank = rank
         self._world_size = world_size
@@ -76,7 +106,7 @@ class GroupCache:
     def get(self, ranks: tuple[int, ...]) -> ProcessGroup | None:
         """The group of an already created rank set (None where this rank is not a member)."""
         if len(ranks) == self._world_size:
-            return self._process_group
+            return default_if_none(self._process_group)
         if len(ranks) == 1 and not self._split:
             return self._groups.get(ranks) if ranks[0] == self._rank else None
         return self._groups[ranks]
@@ -124,7 +154,8 @@ class GroupCache:
         logger.debug("splitting %d process groups from the grid's group", len(pending))
         # split_group takes ranks of the parent group, which are exactly topology ranks.
         group = dist.split_group(
-            parent_pg=self._process_group, split_ranks=[list(ranks) for ranks in pending]
+            parent_pg=default_if_none(self._process_group),
+            split_ranks=[list(ranks) for ranks in pending],
         )
         self.collective_calls += 1
         for ranks in pending:
