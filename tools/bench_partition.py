@@ -1,9 +1,10 @@
 """Benchmark pipepartition.partition_balanced on random integer layer costs.
 
 For each size it prints the best time of a few repeats and checks the result's optimality
-independently: a plain greedy written here counts how many parts a bottleneck needs, a
-binary search over it gives the optimum, and the ratio column is bottleneck / optimum
-(1.000 means optimal). partition_uniform's ratio is shown for context.
+independently: a plain greedy counts how many parts a bottleneck needs, a binary search over
+it gives the optimum (both in packages/pipepartition/tests/pipepartition_reference.py, which
+the tests use too), and the ratio column is bottleneck / optimum (1.000 means optimal).
+partition_uniform's ratio is shown for context.
 
 Run with ``hatch run bench-partition`` (or ``python tools/bench_partition.py --help``).
 """
@@ -14,40 +15,24 @@ import argparse
 import os
 import platform
 import random
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipepartition import partition_balanced, partition_uniform
 
+# The reference optimum lives beside the tests that also check partition_balanced with it.
+# Neither folder is a package, so its folder goes on the path (mypy sees it as the namespace
+# package packages.pipepartition.tests and cannot resolve the plain name).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages/pipepartition/tests"))
+from pipepartition_reference import (
+    bottleneck,
+    least_bottleneck,
+    parts_needed,
+)
+
 CASES: tuple[tuple[int, int], ...] = ((1_000, 8), (1_000, 64), (10_000, 64), (100_000, 128))
-
-
-def parts_needed(weights: Sequence[int], limit: int) -> int:
-    """Fewest contiguous parts with every part's sum at most ``limit`` (greedy, O(n))."""
-    needed, load = 1, 0
-    for weight in weights:
-        if weight > limit:
-            return len(weights) + 1
-        if load + weight > limit:
-            needed, load = needed + 1, 0
-        load += weight
-    return needed
-
-
-def optimum(weights: Sequence[int], num_parts: int) -> int:
-    """The smallest achievable bottleneck, by binary search over :func:`parts_needed`."""
-    low, high = max(weights) - 1, sum(weights)  # low never suffices, high always does
-    while high - low > 1:
-        middle = (low + high) // 2
-        if parts_needed(weights, middle) <= num_parts:
-            high = middle
-        else:
-            low = middle
-    return high
-
-
-def bottleneck(weights: Sequence[int], boundaries: Sequence[int]) -> int:
-    return max(sum(weights[boundaries[s] : boundaries[s + 1]]) for s in range(len(boundaries) - 1))
 
 
 def best_time(weights: list[int], num_parts: int, repeat: int) -> tuple[float, list[int]]:
@@ -79,12 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rng = random.Random(args.seed * 1_000_003 + case)
         weights = [rng.randint(1, args.max_weight) for _ in range(num_layers)]
         seconds, boundaries = best_time(weights, num_stages, args.repeat)
-        found = bottleneck(weights, boundaries)
-        best = optimum(weights, num_stages)
+        found = int(bottleneck(weights, boundaries))
+        best = least_bottleneck(weights, num_stages)
         # Independent proof of optimality: the greedy needs more parts at found - 1.
         optimal = found == best and parts_needed(weights, found - 1) > num_stages
         optimal_everywhere &= optimal
-        uniform = bottleneck(weights, partition_uniform(num_layers, num_stages))
+        uniform = int(bottleneck(weights, partition_uniform(num_layers, num_stages)))
         print(
             f"{num_layers:>8}  {num_stages:>6}  {seconds:>8.4f}  {found:>10}  {best:>10}  "
             f"{found / best:>6.3f}  {uniform / best:>13.3f}"

@@ -56,6 +56,15 @@ def test_method_objects_pass_through_unchanged() -> None:
         assert parse_method(method) is method
 
 
+def test_keyword_methods_are_equal_only_to_themselves_and_print_as_their_keyword() -> None:
+    keywords = [Uniform(), Parameters(), Profile()]
+    assert [str(method) for method in keywords] == ["uniform", "parameters", "profile"]
+    assert [repr(method) for method in keywords] == ["Uniform()", "Parameters()", "Profile()"]
+    assert len(set(keywords)) == 3
+    assert Uniform() == Uniform()
+    assert keywords[0] != keywords[1]
+
+
 def test_type_patterns_keep_their_case_and_match_names_ignoring_case() -> None:
     method = parse_method(r"type:\S+BLOCK")
     assert isinstance(method, TypeRegex)
@@ -193,6 +202,24 @@ def test_uniform_checks_capacities_it_cannot_respect() -> None:
         ({"names": ["a", "b"], "parameters": [1, -1]}, ValueError, r"parameters\[1\] is -1"),
         ({"names": ["a", "b"], "speeds": [1.0]}, ValueError, "speeds has 1 entry but there"),
         ({"names": ["a"], "num_stages": 0}, ValueError, "num_stages is 0"),
+        ({"names": ["a"], "num_stages": 2.0}, TypeError, "num_stages must be an int"),
+        ({"names": ["a", "b"], "parameters": 5}, TypeError, "parameters must be a sequence"),
+        (
+            {"names": ["a", "b"], "capacities": [1.0]},
+            ValueError,
+            "capacities has 1 entry but there are 2 stages; pass one value per stage",
+        ),
+        (
+            {"names": ["a", "b"], "sizes": [1, 1]},
+            ValueError,
+            r"sizes only matter together with capacities; pass capacities=\[\.\.\.\] with one "
+            "limit per stage",
+        ),
+        (
+            {"names": ["a", "b"], "capacities": [9, 9], "sizes": [1]},
+            ValueError,
+            r"sizes has 1 entry but there are 2 layers \(one per name\); pass one size per layer",
+        ),
     ],
 )
 def test_bad_arguments_are_named(
@@ -201,6 +228,32 @@ def test_bad_arguments_are_named(
     arguments: dict[str, object] = {"num_stages": 2, **kwargs}
     with pytest.raises(error, match=message):
         plan_partition("uniform", **arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["parameters", Weights((1.0, 2.0, 3e9, 1.0))])
+def test_capacity_messages_speak_of_layers_and_stages(method: str | PartitionMethod) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"layer 2 alone needs 3,000,000,000 but the largest capacity is 2,000,000,000 "
+        r"\(stage 1\); raise that capacity to at least 3,000,000,000 or split layer 2",
+    ):
+        plan_partition(
+            method,
+            2,
+            names=["a", "b", "c", "d"],
+            parameters=[1, 2, 3_000_000_000, 1],
+            capacities=[1e9, 2e9],
+        )
+
+
+def test_fewer_layers_than_stages_checks_capacities_in_layers_and_stages() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"stage 1 holds layers \[1, 2\) that need 2 but its capacity is 1; with fewer "
+        r"layers \(2\) than stages \(4\) stage s holds layer s alone; reorder the capacities "
+        r"or use at most 2 stages",
+    ):
+        plan_partition("parameters", 4, names=["a", "b"], parameters=[1, 2], capacities=[1] * 4)
 
 
 @given(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipepartition import PartitionPlan
+from pipepartition import Boundaries, PartitionPlan
 
 TIMES = "\u00d7"  # the multiplication sign in "24\u00d7Block"
 
@@ -99,6 +99,13 @@ def test_lookups_out_of_range_name_the_valid_range() -> None:
         plan.stage_of(1.0)  # type: ignore[arg-type]
 
 
+def test_lookups_in_a_plan_without_layers_say_it_has_none() -> None:
+    plan = PartitionPlan.from_boundaries([0, 0])
+    with pytest.raises(ValueError, match="layer 0 does not exist: this plan has no layers"):
+        plan.stage_of(0)
+    assert plan.layers_of(0) == range(0, 0)
+
+
 def test_speeds_divide_stage_costs_and_imbalance_is_relative_to_the_speed_share() -> None:
     plan = PartitionPlan.from_boundaries([0, 2, 6], costs=[1] * 6, speeds=[1.0, 2.0])
     assert list(plan.stage_costs) == [2, 4]
@@ -145,7 +152,11 @@ def test_speeds_divide_stage_costs_and_imbalance_is_relative_to_the_speed_share(
             ValueError,
             r"speeds has 2 entries but there are 1 stage;",
         ),
-        ({"boundaries": (0, 1), "costs": (1,), "method": ""}, TypeError, r"non-empty str"),
+        ({"boundaries": (0, 1), "costs": (1,), "method": ""}, ValueError, r"non-empty str"),
+        ({"boundaries": (0, 1), "costs": (1,), "method": 3}, TypeError, r"non-empty str"),
+        ({"boundaries": (0, 1), "costs": (1,), "names": "a"}, TypeError, r"sequence of str"),
+        ({"boundaries": (0, 1), "costs": (1,), "parameters": 5}, TypeError, r"sequence of ints"),
+        ({"boundaries": 3, "costs": (1,)}, TypeError, r"boundaries must be a sequence of ints"),
     ],
 )
 def test_invalid_plans_are_refused_with_the_reason(
@@ -153,6 +164,21 @@ def test_invalid_plans_are_refused_with_the_reason(
 ) -> None:
     with pytest.raises(error, match=message):
         PartitionPlan(**fields)  # type: ignore[arg-type]
+
+
+def test_boundaries_are_refused_with_one_message_wherever_they_come_from() -> None:
+    message = r"boundaries \[0, 3, 2\] are not stage boundaries: they decrease at stage 1"
+    with pytest.raises(ValueError, match=message):
+        PartitionPlan((0, 3, 2), (1, 1))
+    with pytest.raises(ValueError, match=message):
+        PartitionPlan.from_boundaries([0, 3, 2])
+    with pytest.raises(ValueError, match=message):
+        Boundaries([0, 3, 2])
+
+
+def test_from_boundaries_checks_names_rather_than_splitting_a_string() -> None:
+    with pytest.raises(TypeError, match="names must be a sequence of str"):
+        PartitionPlan.from_boundaries([0, 2], names="ab")
 
 
 def test_plans_are_frozen_and_lists_become_tuples() -> None:
@@ -204,6 +230,81 @@ def test_table_with_speeds_shows_speed_and_time_and_marks_empty_stages() -> None
     assert lines[0].split() == ["stage", "layers", "count", "cost", "speed", "time", "load"]
     assert lines[1].split() == ["0", "0..1", "2", "6", "2", "3", "100.0%"]
     assert lines[2].split() == ["1", "-", "0", "0", "1", "0", "0.0%"]
+
+
+def test_table_extra_columns_go_right_aligned_just_before_load() -> None:
+    table = example_plan().table(
+        extra_columns={"memory": ["1.5 GiB", "900 MiB", "12 KiB"], "rank": ["0", "1", "2"]}
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "stage", "layers", "count", "cost", "params", "memory", "rank", "load", "names"
+    ]  # fmt: skip
+    assert lines[1].split()[5:8] == ["1.5", "GiB", "0"]
+    memory_ends = {line.index("B") for line in lines[1:4]}
+    assert len(memory_ends) == 1  # right-aligned: the unit letters line up
+    assert lines[0].index("memory") + len("memory") == lines[1].index("B") + 1
+    assert lines[4] == example_plan().table().splitlines()[4]  # the footer is unchanged
+
+
+def test_table_extra_columns_without_parameters_or_names() -> None:
+    plan = PartitionPlan.from_boundaries([0, 1, 2], costs=[1, 3])
+    assert plan.table(extra_columns={"memory": ["10 B", "2 B"]}) == (
+        "stage  layers  count  cost  memory    load\n"
+        "    0  0..0        1     1    10 B   33.3%\n"
+        "    1  1..1        1     3     2 B  100.0%\n"
+        "bottleneck 3 (stage 1), imbalance 1.500, method explicit"
+    )
+
+
+def test_table_names_override_the_plans_names_and_are_compressed() -> None:
+    names = ["Embedding*"] + ["Block"] * 6 + ["LayerNorm", "Head*"]
+    lines = example_plan().table(names=names).splitlines()
+    assert lines[1].split()[-2:] == ["Embedding*,", f"2{TIMES}Block"]
+    assert lines[3].split()[-2:] == ["LayerNorm,", "Head*"]
+    unnamed = PartitionPlan.from_boundaries([0, 2, 3], costs=[1, 1, 1])
+    assert unnamed.table(names=["a", "a", "b"]).splitlines()[1].endswith(f"2{TIMES}a")
+
+
+def test_table_max_names_width_cuts_long_names_with_an_ellipsis() -> None:
+    lines = example_plan().table(max_names_width=12).splitlines()
+    assert lines[1].endswith("Embedding...")
+    assert lines[2].endswith(f"4{TIMES}Block")  # short enough: kept whole
+    assert lines[3].endswith("LayerNorm...")
+    assert all(len(line.split("  ")[-1]) <= 12 for line in lines[1:4])
+    assert example_plan().table(max_names_width=3).splitlines()[1].endswith("  ...")
+
+
+def test_table_without_options_is_the_default_table() -> None:
+    plan = example_plan()
+    assert plan.table(extra_columns={}, names=plan.names, max_names_width=None) == plan.table()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"extra_columns": [("memory", ["1"] * 3)]}, TypeError, "extra_columns must be a mapping"),
+        ({"extra_columns": {1: ["1"] * 3}}, TypeError, "header 1 is of type int"),
+        ({"extra_columns": {"load": ["1"] * 3}}, ValueError, "'load' is empty or already a column"),
+        ({"extra_columns": {"": ["1"] * 3}}, ValueError, "'' is empty or already a column"),
+        ({"extra_columns": {"m": "123"}}, TypeError, r"extra_columns\['m'\] must be a sequence"),
+        ({"extra_columns": {"m": ["1", 2, "3"]}}, TypeError, r"extra_columns\['m'\]\[1\] is 2"),
+        (
+            {"extra_columns": {"m": ["1", "2"]}},
+            ValueError,
+            r"extra_columns\['m'\] has 2 entries but the plan has 3 stages; pass one cell per",
+        ),
+        ({"names": ["a"] * 8}, ValueError, "names has 8 entries but the plan has 9 layers"),
+        ({"names": "abcdefghi"}, TypeError, "names must be a sequence of str"),
+        ({"max_names_width": 2}, ValueError, "max_names_width is 2; it must be an integer >= 3"),
+        ({"max_names_width": 8.0}, TypeError, "max_names_width must be an int"),
+    ],
+)
+def test_bad_table_options_are_named(
+    options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        example_plan().table(**options)  # type: ignore[arg-type]
 
 
 def test_table_of_an_all_zero_plan_has_no_percentages() -> None:

@@ -27,16 +27,11 @@ from pipepartition._capacity import (
     require_capacities_plausible,
     require_layout_fits,
 )
-from pipepartition._numbers import (
-    Real,
-    all_ints,
-    count,
-    entries,
-    non_negative_values,
-    positive_values,
-)
+from pipepartition._checks import Constraints, checked_constraints
+from pipepartition._numbers import Real, all_ints, count, non_negative_values
 from pipepartition._segments import Intervals, SegmentModel
 from pipepartition._uniform import partition_uniform
+from pipepartition._vocabulary import ITEMS, Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +107,7 @@ def partition_balanced(
         ValueError: ``num_parts < 1``; negative or non-finite weights or sizes; speeds or
             capacities not positive or not one per part; ``sizes`` without ``capacities``
             or not one per item; or capacities that no split can meet (the message says
-            which layer or stage needs how much).
+            which item or part needs how much).
 
     >>> partition_balanced([4, 1, 1, 1, 1, 4], 3)
     [0, 1, 5, 6]
@@ -121,64 +116,59 @@ def partition_balanced(
     """
     parts = count(num_parts, name="num_parts", minimum=1)
     costs = non_negative_values(weights, name="weights")
-    num_items = len(costs)
-    speed_list = (
-        None
-        if speeds is None
-        else positive_values(speeds, name="speeds", length=parts, per="stage", allow_inf=False)
+    constraints = checked_constraints(
+        speeds,
+        capacities,
+        sizes,
+        num_parts=parts,
+        num_items=len(costs),
+        words=ITEMS,
+        items_counted=f"weights has {len(costs)}",
     )
-    capacity_list = (
-        None
-        if capacities is None
-        else positive_values(
-            capacities, name="capacities", length=parts, per="stage", allow_inf=True
-        )
-    )
-    size_list = costs
-    if sizes is not None:
-        if capacity_list is None:
-            raise ValueError(
-                "sizes only matter together with capacities; pass capacities=[...] with one "
-                "limit per stage, or drop sizes"
-            )
-        size_list = non_negative_values(sizes, name="sizes")
-        if len(size_list) != num_items:
-            raise ValueError(
-                f"sizes has {entries(len(size_list))} but weights has {num_items}; pass one "
-                "size per item"
-            )
+    return balanced_boundaries(costs, parts, constraints, ITEMS)
 
-    if num_items < parts:
-        boundaries = partition_uniform(num_items, parts)
-        if capacity_list is not None:
+
+def balanced_boundaries(
+    costs: list[Real], num_parts: int, constraints: Constraints, words: Vocabulary
+) -> list[int]:
+    """:func:`partition_balanced` for inputs its edge (or ``plan_partition``'s) has checked;
+    messages about capacities speak ``words``."""
+    num_items = len(costs)
+    capacities = constraints.capacities
+    sizes = costs if constraints.sizes is None else constraints.sizes
+    if num_items < num_parts:
+        boundaries = partition_uniform(num_items, num_parts)
+        if capacities is not None:
+            item, part = words.item, words.part
             require_layout_fits(
                 boundaries,
-                size_list,
-                capacity_list,
+                sizes,
+                capacities,
+                words=words,
                 why=(
-                    f"with fewer items ({num_items}) than stages ({parts}) stage s holds item "
-                    f"s alone; reorder the capacities or use at most {num_items} stages"
+                    f"with fewer {item}s ({num_items}) than {part}s ({num_parts}) {part} s holds "
+                    f"{item} s alone; reorder the capacities or use at most {num_items} {part}s"
                 ),
             )
         return boundaries
 
-    exact = speed_list is None and all_ints(costs)
+    exact = constraints.speeds is None and all_ints(costs)
     model = SegmentModel(
         costs if exact else [float(cost) for cost in costs],
-        parts,
+        num_parts,
         exact=exact,
-        speeds=speed_list,
-        capacities=capacity_list,
-        sizes=size_list,
+        speeds=constraints.speeds,
+        capacities=capacities,
+        sizes=sizes,
     )
-    require_capacities_plausible(model)
-    bottleneck = _optimal_bottleneck(model)
+    require_capacities_plausible(model, words)
+    bottleneck = _optimal_bottleneck(model, words)
     boundaries = _place_boundaries(model, bottleneck)
     _relax_neighbours(model, bottleneck, boundaries)
     return boundaries
 
 
-def _optimal_bottleneck(model: SegmentModel) -> Real:
+def _optimal_bottleneck(model: SegmentModel, words: Vocabulary) -> Real:
     """The smallest bottleneck for which a split exists (see the module note)."""
     n, p = model.num_items, model.num_stages
     total = model.prefix[n]
@@ -239,7 +229,7 @@ def _optimal_bottleneck(model: SegmentModel) -> Real:
     if feasible is None:
         probe(rank(ceiling))  # every run's cost fits under it: only capacities can fail
         if feasible is None:
-            explain_capacities(model)
+            explain_capacities(model, words)
             raise RuntimeError(
                 "internal error in partition_balanced: capacities fit no split, yet the "
                 "explanation found one; please report this"
@@ -248,7 +238,7 @@ def _optimal_bottleneck(model: SegmentModel) -> Real:
         probe((infeasible + feasible) // 2)
     bottleneck = at(feasible)
     logger.debug(
-        "optimal bottleneck %r for %d items in %d stages after %d probes", bottleneck, n, p, probes
+        "optimal bottleneck %r for %d items in %d parts after %d probes", bottleneck, n, p, probes
     )
     return bottleneck
 

@@ -5,28 +5,36 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
-from typing import TypeAlias
+from typing import ClassVar, TypeAlias
 
-from pipepartition._numbers import integer, non_negative_values
+from pipepartition._checks import checked_boundaries
+from pipepartition._numbers import non_negative_values
 
 _TYPE_PREFIX = "type:"
 
 
 @dataclass(frozen=True)
-class Uniform:
-    """The same number of layers per stage (give or take one), whatever they cost."""
+class _Keyword:
+    """A method without arguments, spelt as its keyword (``str(Uniform()) == 'uniform'``)."""
+
+    name: ClassVar[str]
 
     def __str__(self) -> str:
-        return "uniform"
+        return self.name
 
 
 @dataclass(frozen=True)
-class Parameters:
+class Uniform(_Keyword):
+    """The same number of layers per stage (give or take one), whatever they cost."""
+
+    name: ClassVar[str] = "uniform"
+
+
+@dataclass(frozen=True)
+class Parameters(_Keyword):
     """Balance the per-layer parameter counts (min-max optimal)."""
 
-    def __str__(self) -> str:
-        return "parameters"
+    name: ClassVar[str] = "parameters"
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,10 @@ class TypeRegex:
 
 
 @dataclass(frozen=True)
-class Profile:
+class Profile(_Keyword):
     """Balance measured per-layer costs (e.g. forward + backward seconds)."""
 
-    def __str__(self) -> str:
-        return "profile"
+    name: ClassVar[str] = "profile"
 
 
 @dataclass(frozen=True)
@@ -89,19 +96,7 @@ class Boundaries:
     """Any sequence of ints; stored as a tuple, so methods stay hashable and immutable."""
 
     def __post_init__(self) -> None:
-        given: object = self.boundaries
-        if isinstance(given, str | bytes) or not isinstance(given, Sequence):
-            raise TypeError(f"boundaries must be a sequence of ints, got {given!r}")
-        bounds = tuple(
-            integer(value, name=f"boundaries[{index}]") for index, value in enumerate(given)
-        )
-        decreasing = any(later < earlier for earlier, later in pairwise(bounds))
-        if len(bounds) < 2 or bounds[0] != 0 or decreasing:
-            raise ValueError(
-                f"boundaries {list(bounds)} are not stage boundaries; pass num_stages + 1 "
-                "non-decreasing positions starting at 0, e.g. (0, 12, 24) for two stages"
-            )
-        object.__setattr__(self, "boundaries", bounds)
+        object.__setattr__(self, "boundaries", checked_boundaries(self.boundaries))
 
     def __str__(self) -> str:
         return "boundaries"
@@ -132,9 +127,7 @@ PartitionMethod: TypeAlias = Uniform | Parameters | TypeRegex | Profile | Bounda
 """Every way of choosing stage boundaries that :func:`plan_partition` understands."""
 
 _KEYWORDS: dict[str, PartitionMethod] = {
-    "uniform": Uniform(),
-    "parameters": Parameters(),
-    "profile": Profile(),
+    keyword.name: keyword() for keyword in (Uniform, Parameters, Profile)
 }
 _METHOD_TYPES = (Uniform, Parameters, TypeRegex, Profile, Boundaries, Weights)
 

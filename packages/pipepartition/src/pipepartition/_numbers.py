@@ -64,16 +64,12 @@ def non_negative_values(values: Iterable[object], *, name: str) -> list[Real]:
     return items
 
 
-def positive_values(
-    values: Iterable[object], *, name: str, length: int, per: str, allow_inf: bool
-) -> list[Real]:
-    """``length`` reals, each ``> 0`` (and finite unless ``allow_inf``)."""
+def positive_values(values: Iterable[object], *, name: str, allow_inf: bool) -> list[Real]:
+    """Like :func:`real_values`, and every value ``> 0`` (and finite unless ``allow_inf``).
+
+    How many there must be is the caller's rule (``_checks.require_length``).
+    """
     items = real_values(values, name=name)
-    if len(items) != length:
-        raise ValueError(
-            f"{name} has {entries(len(items))} but there are {plural(length, per)}; "
-            f"pass exactly one value per {per}"
-        )
     for index, value in enumerate(items):
         bad = math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf)
         if bad:
@@ -95,6 +91,17 @@ def count(value: object, *, name: str, minimum: int) -> int:
     if result < minimum:
         raise ValueError(f"{name} is {result}; it must be an integer >= {minimum}")
     return result
+
+
+def counts(values: Iterable[object], *, name: str) -> tuple[int, ...]:
+    """Plain ``int`` values ``>= 0``, e.g. parameter counts; the first bad element is named."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of ints, got {type(values).__name__}: {values!r}"
+        )
+    return tuple(
+        count(value, name=f"{name}[{index}]", minimum=0) for index, value in enumerate(values)
+    )
 
 
 def plural(number: int, singular: str, plural_form: str | None = None) -> str:

@@ -10,15 +10,24 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+from pipepartition._checks import (
+    checked_boundaries,
+    checked_index,
+    checked_names,
+    checked_strings,
+    require_coverage,
+    require_length,
+)
 from pipepartition._numbers import (
     count,
+    counts,
     entries,
-    integer,
+    format_number,
     non_negative_values,
     plural,
     positive_values,
 )
-from pipepartition._table import render_table
+from pipepartition._table import MIN_SHORTENED_WIDTH, Column, compress_names, render_table, shorten
 
 _FIELDS = ("boundaries", "costs", "names", "parameters", "method", "speeds")
 
@@ -59,42 +68,33 @@ class PartitionPlan:
     _prefix: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        boundaries = _boundaries(self.boundaries)
+        boundaries = checked_boundaries(self.boundaries)
         costs = tuple(non_negative_values(self.costs, name="costs"))
-        num_layers = len(costs)
-        if boundaries[-1] != num_layers:
-            counted = f"costs has {entries(num_layers)} (one per layer)"
-            raise ValueError(coverage_error(boundaries, num_layers, counted))
+        num_layers, num_stages = len(costs), len(boundaries) - 1
+        require_coverage(
+            boundaries, num_layers, counted=f"costs has {entries(num_layers)} (one per layer)"
+        )
         names = None
         if self.names is not None:
-            names = tuple(self.names)
-            for index, name in enumerate(names):
-                if not isinstance(name, str):
-                    raise TypeError(
-                        f"names[{index}] is {name!r} of type {type(name).__name__}; "
-                        "names must be strings"
-                    )
-            _require_length("names", len(names), num_layers, "layer")
+            names = checked_names(self.names)
+            _require_per_layer("names", len(names), num_layers)
         parameters = None
         if self.parameters is not None:
-            parameters = tuple(
-                count(value, name=f"parameters[{index}]", minimum=0)
-                for index, value in enumerate(self.parameters)
+            parameters = counts(self.parameters, name="parameters")
+            _require_per_layer("parameters", len(parameters), num_layers)
+        if not isinstance(self.method, str):
+            raise TypeError(
+                f"method must be a non-empty str, got {type(self.method).__name__}: {self.method!r}"
             )
-            _require_length("parameters", len(parameters), num_layers, "layer")
-        if not isinstance(self.method, str) or not self.method:
-            raise TypeError(f"method must be a non-empty str, got {self.method!r}")
+        if not self.method:
+            raise ValueError(
+                "method must be a non-empty str, got ''; pass how the boundaries were chosen, "
+                "e.g. 'parameters', or leave the default 'explicit'"
+            )
         speeds = None
         if self.speeds is not None:
-            speeds = tuple(
-                positive_values(
-                    self.speeds,
-                    name="speeds",
-                    length=len(boundaries) - 1,
-                    per="stage",
-                    allow_inf=False,
-                )
-            )
+            speeds = tuple(positive_values(self.speeds, name="speeds", allow_inf=False))
+            require_length("speeds", len(speeds), num_stages, per="stage")
         object.__setattr__(self, "boundaries", boundaries)
         object.__setattr__(self, "costs", costs)
         object.__setattr__(self, "names", names)
@@ -113,15 +113,18 @@ class PartitionPlan:
         speeds: Sequence[float] | None = None,
     ) -> PartitionPlan:
         """A plan for boundaries chosen elsewhere; ``costs`` default to 1 per layer."""
-        checked = _boundaries(boundaries)
-        return cls(
-            boundaries=checked,
-            costs=tuple(costs) if costs is not None else (1,) * checked[-1],
-            names=tuple(names) if names is not None else None,
-            parameters=tuple(parameters) if parameters is not None else None,
-            method=method,
-            speeds=tuple(speeds) if speeds is not None else None,
-        )
+        bounds = checked_boundaries(boundaries)
+        # Passed on as given: the constructor checks and converts each field (a str where
+        # names belong must reach checked_names, not become a tuple of characters).
+        fields: dict[str, Any] = {
+            "boundaries": bounds,
+            "costs": (1,) * bounds[-1] if costs is None else costs,
+            "names": names,
+            "parameters": parameters,
+            "method": method,
+            "speeds": speeds,
+        }
+        return cls(**fields)
 
     # -- shape --------------------------------------------------------------------------
 
@@ -141,24 +144,14 @@ class PartitionPlan:
 
     def stage_of(self, layer: int) -> int:
         """The stage that owns global layer index ``layer`` (O(log num_stages))."""
-        index = integer(layer, name="layer")
-        if not 0 <= index < self.num_layers:
-            raise ValueError(
-                f"layer {layer} is outside this plan's layers 0..{self.num_layers - 1}; pass a "
-                "global layer index in that range"
-            )
+        index = checked_index(layer, name="layer", size=self.num_layers, what="global layer index")
         # The last stage starting at or before the layer; empty stages before it start at
         # the same position and are skipped by bisect_right.
         return bisect_right(self.boundaries, index) - 1
 
     def layers_of(self, stage: int) -> range:
         """Global layer indices owned by ``stage``."""
-        index = integer(stage, name="stage")
-        if not 0 <= index < self.num_stages:
-            raise ValueError(
-                f"stage {stage} is outside this plan's stages 0..{self.num_stages - 1}; pass a "
-                "stage index in that range"
-            )
+        index = checked_index(stage, name="stage", size=self.num_stages, what="stage index")
         return range(self.boundaries[index], self.boundaries[index + 1])
 
     # -- costs --------------------------------------------------------------------------
@@ -202,14 +195,116 @@ class PartitionPlan:
         capacity = math.fsum(self.speeds) if self.speeds is not None else self.num_stages
         return float(self.bottleneck / (total / capacity))
 
-    def table(self) -> str:
+    def table(
+        self,
+        *,
+        extra_columns: Mapping[str, Sequence[str]] | None = None,
+        names: Sequence[str] | None = None,
+        max_names_width: int | None = None,
+    ) -> str:
         """A fixed-width text table: one row per stage and a footer line.
 
         Columns: stage, layer range, layer count, cost, (speed and time with speeds),
-        (params when given), load as a percentage of the bottleneck, (names, compressed
-        like ``Embedding, 24\u00d7Block``, when given).
+        (params when given), (``extra_columns``), load as a percentage of the bottleneck,
+        (names, compressed like ``Embedding, 24\u00d7Block``, when there are names).
+
+        Args:
+            extra_columns: header -> one already formatted cell per stage, e.g.
+                ``{"memory": ["1.2 GiB", ...]}``; shown right-aligned, in the mapping's
+                order, just before ``load``.
+            names: per-layer display names to show instead of :attr:`names`, one per layer
+                (e.g. with a mark on tied layers); compressed the same way.
+            max_names_width: cut a stage's names to this many characters, ending in
+                ``...``; at least 3. None: never cut.
+
+        Raises:
+            TypeError: an argument, a header or a cell has the wrong type.
+            ValueError: a header repeats a column, a column or ``names`` has the wrong
+                length, or ``max_names_width`` is below 3.
         """
-        return render_table(self)
+        shown_names = self.names
+        if names is not None:
+            shown_names = checked_names(names)
+            _require_per_layer("names", len(shown_names), self.num_layers)
+        width = None
+        if max_names_width is not None:
+            width = count(max_names_width, name="max_names_width", minimum=MIN_SHORTENED_WIDTH)
+        columns = self._stage_columns(shown_names, width)
+        load = next(index for index, column in enumerate(columns) if column.header == "load")
+        columns[load:load] = self._checked_extra_columns(extra_columns, columns)
+
+        busiest = self.stage_times.index(self.bottleneck)
+        footer = (
+            f"bottleneck {format_number(self.bottleneck)} (stage {busiest}), "
+            f"imbalance {self.imbalance:.3f}, method {self.method}"
+        )
+        return render_table(columns, [footer])
+
+    def _stage_columns(self, names: tuple[str, ...] | None, width: int | None) -> list[Column]:
+        stages, times, bottleneck = self.stages, self.stage_times, self.bottleneck
+        columns = [
+            Column("stage", [str(stage) for stage in range(self.num_stages)]),
+            Column(
+                "layers",
+                [f"{layers.start}..{layers.stop - 1}" if layers else "-" for layers in stages],
+                left=True,
+            ),
+            Column("count", [str(len(layers)) for layers in stages]),
+            Column("cost", [format_number(cost) for cost in self.stage_costs]),
+        ]
+        if self.speeds is not None:
+            columns.append(Column("speed", [format_number(speed) for speed in self.speeds]))
+            columns.append(Column("time", [format_number(time) for time in times]))
+        stage_parameters = self.stage_parameters
+        if stage_parameters is not None:
+            columns.append(Column("params", [format_number(n) for n in stage_parameters]))
+        columns.append(
+            Column(
+                "load",
+                [f"{100 * time / bottleneck:.1f}%" if bottleneck > 0 else "-" for time in times],
+            )
+        )
+        if names is not None:
+            cells = [shorten(compress_names(names[s.start : s.stop]), width) for s in stages]
+            columns.append(Column("names", cells, left=True))
+        return columns
+
+    def _checked_extra_columns(
+        self, extra_columns: Mapping[str, Sequence[str]] | None, columns: Sequence[Column]
+    ) -> list[Column]:
+        if extra_columns is None:
+            return []
+        if not isinstance(extra_columns, Mapping):
+            raise TypeError(
+                "extra_columns must be a mapping of header -> one cell per stage, got "
+                f"{type(extra_columns).__name__}"
+            )
+        taken = {column.header for column in columns}
+        extra = []
+        for header, cells in extra_columns.items():
+            if not isinstance(header, str):
+                raise TypeError(
+                    f"extra_columns header {header!r} is of type {type(header).__name__}; "
+                    "pass a str"
+                )
+            if not header or header in taken:
+                raise ValueError(
+                    f"extra_columns header {header!r} is empty or already a column of this "
+                    f"table ({', '.join(sorted(taken))}); pick a new header"
+                )
+            where = f"extra_columns[{header!r}]"
+            cells = checked_strings(cells, name=where, per="stage", hint="already formatted")
+            require_length(
+                where,
+                len(cells),
+                self.num_stages,
+                per="stage",
+                counted=f"the plan has {plural(self.num_stages, 'stage')}",
+                unit="cell",
+            )
+            taken.add(header)
+            extra.append(Column(header, cells))
+        return extra
 
     # -- serialisation ------------------------------------------------------------------
 
@@ -258,53 +353,7 @@ class PartitionPlan:
         return cls.from_dict(data)
 
 
-def _boundaries(values: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-        raise TypeError(f"boundaries must be a sequence of ints, got {values!r}")
-    bounds = tuple(
-        integer(value, name=f"boundaries[{index}]") for index, value in enumerate(values)
+def _require_per_layer(name: str, actual: int, num_layers: int) -> None:
+    require_length(
+        name, actual, num_layers, per="layer", counted=f"the plan has {plural(num_layers, 'layer')}"
     )
-    if len(bounds) < 2:
-        raise ValueError(
-            f"boundaries {list(bounds)} describe no stage; pass num_stages + 1 positions, "
-            "e.g. [0, 12, 24] for two stages of 12 layers"
-        )
-    if bounds[0] != 0:
-        raise ValueError(
-            f"boundaries {_show(bounds)} start at {bounds[0]}; the first must be 0 so that "
-            "layer 0 belongs to stage 0"
-        )
-    for stage in range(len(bounds) - 1):
-        if bounds[stage + 1] < bounds[stage]:
-            raise ValueError(
-                f"boundaries {_show(bounds)} decrease at stage {stage} ({bounds[stage]} then "
-                f"{bounds[stage + 1]}); they must be non-decreasing so each layer is placed "
-                "once, in order"
-            )
-    return bounds
-
-
-def coverage_error(bounds: Sequence[int], num_layers: int, counted: str) -> str:
-    """Why boundaries that do not end at ``num_layers`` are wrong, naming the stray layers;
-    ``counted`` says where the layer count comes from, e.g. ``"there are 3 layers"``."""
-    end = bounds[-1]
-    if end < num_layers:
-        problem = f"leaving layers [{end}, {num_layers}) without a stage"
-    else:
-        problem = f"placing layers [{num_layers}, {end}) that do not exist in the last stages"
-    return (
-        f"boundaries {_show(bounds)} end at {end} but {counted}, "
-        f"{problem}; the last boundary must be {num_layers}"
-    )
-
-
-def _show(bounds: Sequence[int]) -> str:
-    return str(list(bounds)) if len(bounds) <= 12 else f"[{bounds[0]}, ..., {bounds[-1]}]"
-
-
-def _require_length(name: str, actual: int, expected: int, per: str) -> None:
-    if actual != expected:
-        raise ValueError(
-            f"{name} has {entries(actual)} but the plan has {plural(expected, per)}; pass one "
-            f"per {per}"
-        )

@@ -6,8 +6,17 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
-from pipepartition._balanced import partition_balanced
+from pipepartition._balanced import balanced_boundaries
 from pipepartition._capacity import require_layout_fits
+from pipepartition._checks import (
+    Constraints,
+    checked_constraints,
+    checked_names,
+    require_boundary_count,
+    require_coverage,
+    require_length,
+    require_no_empty_stage,
+)
 from pipepartition._methods import (
     Boundaries,
     Parameters,
@@ -18,16 +27,10 @@ from pipepartition._methods import (
     Weights,
     parse_method,
 )
-from pipepartition._numbers import (
-    Real,
-    count,
-    entries,
-    non_negative_values,
-    plural,
-    positive_values,
-)
-from pipepartition._plan import PartitionPlan, coverage_error
+from pipepartition._numbers import Real, count, counts, non_negative_values, plural
+from pipepartition._plan import PartitionPlan
 from pipepartition._uniform import partition_uniform
+from pipepartition._vocabulary import LAYERS
 
 logger = logging.getLogger(__name__)
 
@@ -71,40 +74,36 @@ def plan_partition(
     """
     chosen = parse_method(method)
     stages = count(num_stages, name="num_stages", minimum=1)
-    layer_names = _checked_names(names)
+    layer_names = checked_names(names)
     num_layers = len(layer_names)
+    counted = f"there are {plural(num_layers, 'layer')} (one per name)"
     layer_parameters = None
     if parameters is not None:
-        layer_parameters = tuple(
-            count(value, name=f"parameters[{index}]", minimum=0)
-            for index, value in enumerate(parameters)
+        layer_parameters = counts(parameters, name="parameters")
+        require_length(
+            "parameters", len(layer_parameters), num_layers, per="layer", counted=counted
         )
-        _require_per_layer("parameters", len(layer_parameters), num_layers)
-    speed_list = (
-        None
-        if speeds is None
-        else positive_values(speeds, name="speeds", length=stages, per="stage", allow_inf=False)
+    constraints = checked_constraints(
+        speeds,
+        capacities,
+        sizes,
+        num_parts=stages,
+        num_items=num_layers,
+        words=LAYERS,
+        items_counted=counted,
     )
 
-    costs: Sequence[Real]
+    costs: list[Real]
     if isinstance(chosen, Uniform | Boundaries):
-        costs = (1,) * num_layers
+        costs = [1] * num_layers
         if isinstance(chosen, Uniform):
-            boundaries = partition_uniform(num_layers, stages)
+            boundaries: Sequence[int] = partition_uniform(num_layers, stages)
         else:
-            boundaries = _checked_boundaries(chosen, stages, num_layers)
-        if capacities is not None:
-            _require_capacities(boundaries, costs, stages, capacities, sizes, chosen)
-        elif sizes is not None:
-            raise ValueError(
-                "sizes only matter together with capacities; pass capacities=[...] with one "
-                "limit per stage, or drop sizes"
-            )
+            boundaries = _fitted_boundaries(chosen, stages, num_layers)
+        _require_capacities(boundaries, costs, constraints, chosen)
     else:
-        costs = _balanced_costs(chosen, layer_names, layer_parameters, profile)
-        boundaries = partition_balanced(
-            costs, stages, speeds=speed_list, capacities=capacities, sizes=sizes
-        )
+        costs = _balanced_costs(chosen, layer_names, layer_parameters, profile, counted)
+        boundaries = balanced_boundaries(costs, stages, constraints, LAYERS)
 
     plan = PartitionPlan(
         boundaries=tuple(boundaries),
@@ -112,7 +111,7 @@ def plan_partition(
         names=layer_names,
         parameters=layer_parameters,
         method=str(chosen),
-        speeds=None if speed_list is None else tuple(speed_list),
+        speeds=None if constraints.speeds is None else tuple(constraints.speeds),
     )
     logger.debug(
         "method %s: %d layers into %d stages, boundaries %s, bottleneck %r",
@@ -130,6 +129,7 @@ def _balanced_costs(
     names: tuple[str, ...],
     parameters: tuple[int, ...] | None,
     profile: Sequence[float] | None,
+    counted: str,
 ) -> list[Real]:
     if isinstance(method, Parameters):
         if parameters is None:
@@ -159,75 +159,43 @@ def _balanced_costs(
                 "use 'parameters'"
             )
         measured = non_negative_values(profile, name="profile")
-        _require_per_layer("profile", len(measured), len(names))
+        require_length("profile", len(measured), len(names), per="layer", counted=counted)
         return measured
-    if len(method.weights) != len(names):
-        raise ValueError(
-            f"Weights has {len(method.weights)} weights but there are {len(names)} layers; "
-            "pass one weight per layer"
-        )
+    require_length(
+        "Weights",
+        len(method.weights),
+        len(names),
+        per="layer",
+        counted=f"there are {plural(len(names), 'layer')}",
+        unit="weight",
+        has=plural(len(method.weights), "weight"),
+    )
     return list(method.weights)
 
 
-def _checked_names(names: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(names, str | bytes) or not isinstance(names, Sequence):
-        raise TypeError(
-            f"names must be a sequence of str (one per layer), got {type(names).__name__}"
-        )
-    for index, name in enumerate(names):
-        if not isinstance(name, str):
-            raise TypeError(
-                f"names[{index}] is {name!r} of type {type(name).__name__}; pass one str per "
-                "layer, e.g. its class name"
-            )
-    return tuple(names)
-
-
-def _checked_boundaries(method: Boundaries, stages: int, num_layers: int) -> list[int]:
-    bounds = list(method.boundaries)
-    if len(bounds) != stages + 1:
-        raise ValueError(
-            f"boundaries {bounds} describe {len(bounds) - 1} stages but num_stages is "
-            f"{stages}; pass {stages + 1} positions"
-        )
-    if bounds[-1] != num_layers:
-        counted = f"there are {plural(num_layers, 'layer')}"
-        raise ValueError(coverage_error(bounds, num_layers, counted))
-    if num_layers >= stages:
-        for stage in range(stages):
-            if bounds[stage] == bounds[stage + 1]:
-                raise ValueError(
-                    f"boundaries {bounds} leave stage {stage} empty; with {num_layers} layers "
-                    f"for {stages} stages every stage needs at least one layer"
-                )
+def _fitted_boundaries(method: Boundaries, stages: int, num_layers: int) -> tuple[int, ...]:
+    """A Boundaries method's boundaries, checked against the stages and layers at hand."""
+    bounds = tuple(method.boundaries)  # their shape was checked when the method was made
+    require_boundary_count(bounds, stages)
+    require_coverage(bounds, num_layers, counted=f"there are {plural(num_layers, 'layer')}")
+    require_no_empty_stage(bounds)
     return bounds
 
 
 def _require_capacities(
     boundaries: Sequence[int],
     costs: Sequence[Real],
-    stages: int,
-    capacities: Sequence[float],
-    sizes: Sequence[float] | None,
+    constraints: Constraints,
     method: PartitionMethod,
 ) -> None:
-    limits = positive_values(
-        capacities, name="capacities", length=stages, per="stage", allow_inf=True
-    )
-    layer_sizes = list(costs) if sizes is None else non_negative_values(sizes, name="sizes")
-    _require_per_layer("sizes", len(layer_sizes), len(costs))
+    """Check a layout chosen without looking at capacities against them."""
+    if constraints.capacities is None:
+        return
     require_layout_fits(
         boundaries,
-        layer_sizes,
-        limits,
+        costs if constraints.sizes is None else constraints.sizes,
+        constraints.capacities,
+        words=LAYERS,
         why=f"method '{method}' places layers without looking at capacities; use a balanced "
         "method such as 'parameters' or Weights(...) to have capacities respected",
     )
-
-
-def _require_per_layer(name: str, actual: int, num_layers: int) -> None:
-    if actual != num_layers:
-        raise ValueError(
-            f"{name} has {entries(actual)} but there are {plural(num_layers, 'layer')} (one "
-            "per name); pass one value per layer"
-        )

@@ -1,17 +1,46 @@
-"""The fixed-width text table that :meth:`PartitionPlan.table` prints."""
+"""Fixed-width text tables: columns of already formatted cells, headers, a footer.
+
+It knows nothing of plans; :meth:`PartitionPlan.table` builds the columns.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import groupby
-from typing import TYPE_CHECKING
-
-from pipepartition._numbers import format_number
-
-if TYPE_CHECKING:
-    from pipepartition._plan import PartitionPlan
 
 _TIMES = "\u00d7"  # the multiplication sign, as in "24\u00d7Block"
+_ELLIPSIS = "..."
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: a header and one cell per row; text aligns left, numbers right."""
+
+    header: str
+    cells: Sequence[str]
+    left: bool = False
+
+
+def render_table(columns: Sequence[Column], footer: Sequence[str] = ()) -> str:
+    """The header line, one line per row, then the footer lines.
+
+    Columns are two spaces apart and each as wide as its widest cell; trailing spaces are
+    dropped, so a left-aligned last column (e.g. names) is not padded.
+    """
+    widths = [max(len(column.header), *map(len, column.cells)) for column in columns]
+
+    def line(cells: Sequence[str]) -> str:
+        laid_out = [
+            cell.ljust(width) if column.left else cell.rjust(width)
+            for column, cell, width in zip(columns, cells, widths, strict=True)
+        ]
+        return "  ".join(laid_out).rstrip()
+
+    rows = zip(*(column.cells for column in columns), strict=True)
+    return "\n".join(
+        [line([column.header for column in columns]), *(line(row) for row in rows), *footer]
+    )
 
 
 def compress_names(names: Sequence[str]) -> str:
@@ -23,54 +52,12 @@ def compress_names(names: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def render_table(plan: PartitionPlan) -> str:
-    """One row per stage, then a footer with the bottleneck and the imbalance."""
-    headers = ["stage", "layers", "count", "cost"]
-    if plan.speeds is not None:
-        headers += ["speed", "time"]
-    if plan.parameters is not None:
-        headers.append("params")
-    headers.append("load")
-    if plan.names is not None:
-        headers.append("names")
+def shorten(text: str, width: int | None) -> str:
+    """``text``, cut to ``width`` characters ending in ``...`` if it is longer."""
+    if width is None or len(text) <= width:
+        return text
+    return text[: width - len(_ELLIPSIS)] + _ELLIPSIS
 
-    bottleneck = plan.bottleneck
-    stage_times = plan.stage_times
-    stage_parameters = plan.stage_parameters
-    rows: list[list[str]] = []
-    for stage, layers in enumerate(plan.stages):
-        row = [
-            str(stage),
-            f"{layers.start}..{layers.stop - 1}" if layers else "-",
-            str(len(layers)),
-            format_number(plan.stage_costs[stage]),
-        ]
-        if plan.speeds is not None:
-            row += [format_number(plan.speeds[stage]), format_number(stage_times[stage])]
-        if stage_parameters is not None:
-            row.append(format_number(stage_parameters[stage]))
-        row.append(f"{100 * stage_times[stage] / bottleneck:.1f}%" if bottleneck > 0 else "-")
-        if plan.names is not None:
-            row.append(compress_names(plan.names[layers.start : layers.stop]))
-        rows.append(row)
 
-    widths = [
-        max(len(header), *(len(row[column]) for row in rows))
-        for column, header in enumerate(headers)
-    ]
-    # Text columns (layer ranges, names) align left, numbers right; names are not padded.
-    left = {"layers", "names"}
-
-    def line(cells: Sequence[str]) -> str:
-        laid_out = [
-            cell.ljust(width) if header in left else cell.rjust(width)
-            for header, cell, width in zip(headers, cells, widths, strict=True)
-        ]
-        return "  ".join(laid_out).rstrip()
-
-    busiest = stage_times.index(bottleneck)
-    footer = (
-        f"bottleneck {format_number(bottleneck)} (stage {busiest}), "
-        f"imbalance {plan.imbalance:.3f}, method {plan.method}"
-    )
-    return "\n".join([line(headers), *(line(row) for row in rows), footer])
+MIN_SHORTENED_WIDTH = len(_ELLIPSIS)
+"""The narrowest width :func:`shorten` can cut to."""
