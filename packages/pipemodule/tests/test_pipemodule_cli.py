@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import pipemodule
 from pipemodule import count_parameters
 from pipemodule._cli import main
 from pipemodule.examples import gpt_layers
@@ -39,6 +41,10 @@ LAYERS = [LayerSpec(torch.nn.Linear, 8, 8) for _ in range(4)]
 
 def layers():
     return [LayerSpec(torch.nn.Linear, 8, 8) for _ in range(4)]
+
+
+def one_layer():
+    return [LayerSpec(torch.nn.Linear, 8, 8)]
 
 
 def raises():
@@ -131,26 +137,42 @@ def test_table_for_gpt_layers_over_four_stages(capsys: pytest.CaptureFixture[str
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == f"{GPT}: 7 layers in 4 stages, method parameters, optimizer adam"
-    assert cells(lines[1]) == ["stage", "layers", "params", "memory", "load", "names"]
+    # The partition plan's own table, with pipeplan's memory column before the load.
+    assert cells(lines[1]) == [
+        "stage",
+        "layers",
+        "count",
+        "cost",
+        "params",
+        "memory",
+        "load",
+        "names",
+    ]
     # 773 KiB = 49,472 parameters * 16 bytes; 775 KiB = 49,600 * 16.
     assert cells(lines[2]) == [
         "0",
         "0..1",
+        "2",
+        "49,472",
         "49,472",
         "773 KiB",
         "99.7%",
         "Embedding*, FeedForwardBlock",
     ]
-    assert cells(lines[3]) == ["1", "2..2", "33,088", "517 KiB", "66.7%", "FeedForwardBlock"]
-    assert cells(lines[4]) == ["2", "3..3", "33,088", "517 KiB", "66.7%", "FeedForwardBlock"]
+    block = ["33,088", "33,088", "517 KiB", "66.7%", "FeedForwardBlock"]
+    assert cells(lines[3]) == ["1", "2..2", "1", *block]
+    assert cells(lines[4]) == ["2", "3..3", "1", *block]
     assert cells(lines[5]) == [
         "3",
         "4..6",
+        "3",
+        "49,600",
         "49,600",
         "775 KiB",
         "100.0%",
         "FeedForwardBlock, LayerNorm, Embedding*",
     ]
+    assert lines[6] == "bottleneck 49,600 (stage 3), imbalance 1.201, method parameters"
     footer = "\n".join(lines[6:])
     # 49,600 over the mean stage cost 165,248 / 4.
     assert "bottleneck: stage 3 (49,600 trainable parameters); imbalance 1.201" in footer
@@ -308,6 +330,7 @@ BAD_INPUTS = [
     (["{m}:layers", "--method", "type:("], "is not a valid regular expression"),
     (["{m}:layers", "--method", "profile"], "method 'profile' times every layer"),
     (["{m}:layers", "--stages", "5"], "4 layers, too few for 5 stages"),
+    (["{m}:one_layer", "--stages", "2"], "has 1 layer, too few for 2 stages"),
     (["{m}:layers", "--arg", "depth=2"], "unexpected keyword argument 'depth'"),
     (["{m}:LAYERS", "--arg", "depth=2"], "takes no --arg"),
 ]
@@ -343,7 +366,7 @@ def test_bad_input_is_one_line_and_exit_status_2(
         (["{m}:layers", "--stages", "2", "--arg", "depth"], "'depth' is not KEY=VALUE"),
     ],
 )
-def test_bad_command_line_exits_2_with_usage(
+def test_bad_command_line_is_one_line_and_exit_status_2(
     capsys: pytest.CaptureFixture[str],
     write_module: Callable[[str], str],
     argv: list[str],
@@ -353,10 +376,75 @@ def test_bad_command_line_exits_2_with_usage(
     code, out, err = run(capsys, *(arg.format(m=name) for arg in argv))
     assert code == 2
     assert out == ""
-    assert err.startswith("usage: pipeplan")
-    last = err.splitlines()[-1]
-    assert last.startswith("pipeplan: error: ")
-    assert message in last
+    # argparse's own errors too: one line like every other error, pointing at --help.
+    assert len(err.splitlines()) == 1
+    assert err.startswith("pipeplan: error: ")
+    assert message in err
+    assert "'pipeplan --help'" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out == f"pipeplan {pipemodule.__version__}\n"
+
+
+# Records every construction; the specs differ, so none is served from a cache of equal specs.
+COUNTED = """
+import torch
+from pipespec import LayerSpec
+
+BUILT = []
+
+
+class Counted(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n))
+        BUILT.append(n)
+
+
+def layers():
+    return [LayerSpec(Counted, n) for n in range(1, 6)]
+"""
+
+
+@pytest.mark.parametrize("method", ["parameters", "uniform", "type:counted"])
+@pytest.mark.parametrize("output", [[], ["--json"]])
+def test_every_layer_is_described_once(
+    capsys: pytest.CaptureFixture[str],
+    write_module: Callable[[str], str],
+    method: str,
+    output: list[str],
+) -> None:
+    name = write_module(COUNTED)
+    code, _, err = run(capsys, f"{name}:layers", "--stages", "2", "--method", method, *output)
+    assert code == 0, err
+    # Planning, the memory column, the ties and the model total all read one description.
+    assert sys.modules[name].BUILT == [1, 2, 3, 4, 5]
+
+
+def test_pipeplan_imports_only_public_names() -> None:
+    package = Path(pipemodule.__file__).parent / "_cli"
+    private = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:
+                module = node.module
+                if module.startswith("pipemodule._cli") or not module.startswith("pipe"):
+                    continue
+                names = [alias.name for alias in node.names]
+                if any(part.startswith("_") for part in module.split(".")) or any(
+                    name.startswith("_") and name != "__version__" for name in names
+                ):
+                    private.append(f"{path.name}: from {module} import {', '.join(names)}")
+            elif isinstance(node, ast.Import):
+                private += [
+                    f"{path.name}: import {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("pipe") and "._" in alias.name
+                ]
+    assert private == []
 
 
 def test_console_script_imports_from_its_working_directory(tmp_path: Path) -> None:

@@ -1,15 +1,25 @@
 """Pipeline-parallel PyTorch modules: partition a layer list, build the local stage, tie, train.
 
 A drop-in for ``deepspeed.pipe``: ``from pipemodule import PipelineModule, LayerSpec,
-TiedLayerSpec`` replaces ``from deepspeed.pipe import ...``.
+TiedLayerSpec`` replaces ``from deepspeed.pipe import ...``. :func:`plan_pipeline` computes the
+same layout a ``PipelineModule`` is built from, without a process group or a device.
 """
 
 from pipemodule.__about__ import __version__
-from pipemodule._activation_checkpoint import activation_checkpoint
-from pipemodule._collective import PipelineRankError
-from pipemodule._module import PipelineModule, TiedForward
-from pipemodule._parameter_count import count_parameters
-from pipemodule._seeding import default_seed_fn
+from pipemodule._layout import (
+    OPTIMIZER_STATES,
+    PipelineLayout,
+    StageMemory,
+    TieGroup,
+    count_parameters,
+    estimate_stage_memory,
+    plan_pipeline,
+)
+from pipemodule._module import PipelineModule
+from pipemodule._stage.activation_checkpoint import activation_checkpoint
+from pipemodule._stage.build import TiedForward
+from pipemodule._stage.collective import PipelineRankError
+from pipemodule._stage.seeding import default_seed_fn
 from pipemodule._training import (
     SCHEDULES,
     PipelineTrainer,
@@ -27,15 +37,19 @@ from pipetopo import (
 )
 
 __all__ = [
+    "OPTIMIZER_STATES",
     "SCHEDULES",
     "LayerSpec",
     "PipeDataParallelTopology",
     "PipeModelDataParallelTopology",
+    "PipelineLayout",
     "PipelineModule",
     "PipelineParallelGrid",
     "PipelineRankError",
     "PipelineTrainer",
     "ProcessTopology",
+    "StageMemory",
+    "TieGroup",
     "TiedForward",
     "TiedLayerSpec",
     "__version__",
@@ -45,5 +59,7 @@ __all__ = [
     "clip_grad_norm_",
     "count_parameters",
     "default_seed_fn",
+    "estimate_stage_memory",
     "pipeline_stage",
+    "plan_pipeline",
 ]

@@ -1,4 +1,4 @@
-"""PipelineModule: one pipeline stage, built from a list of layer specs."""
+"""PipelineModule: one pipeline stage, built from a list of layer specs (DeepSpeed's facade)."""
 
 from __future__ import annotations
 
@@ -10,40 +10,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipemodule._activation_checkpoint import CheckpointFn, activation_checkpoint
-from pipemodule._agreement import ConstructionFingerprint, agree_on_construction, layer_signature
-from pipemodule._checkpoint_files import atomic_save, layer_file, load_layer_file
-from pipemodule._collective import run_on_every_rank
-from pipemodule._config import validate_config
-from pipemodule._planning import plan_stages, with_parameter_counts
-from pipemodule._profile import measure_layer_costs
-from pipemodule._seeding import SeedFn, default_seed_fn, layer_init_seed
-from pipemodule._ties import TieComm, TiedKey
+from pipemodule._layout import PipelineLayout, check_pipeline_arguments, layout_of
+from pipemodule._stage.activation_checkpoint import CheckpointFn, activation_checkpoint
+from pipemodule._stage.agreement import agree_on_construction
+from pipemodule._stage.build import ForwardFunc, LayerBuilder
+from pipemodule._stage.checkpoint import (
+    layer_file,
+    load_layer_files,
+    save_layer_files,
+    stage_files,
+)
+from pipemodule._stage.collective import run_on_every_rank
+from pipemodule._stage.device import resolve_device
+from pipemodule._stage.forward import run_layers
+from pipemodule._stage.options import StageOptions, check_checkpoint_interval, require_initialised
+from pipemodule._stage.profile import measure_on_first_rank
+from pipemodule._stage.seeding import SeedFn, Seeding
+from pipemodule._stage.tie_links import TieLink, link_ties
 from pipepartition import PartitionMethod, PartitionPlan
-from pipespec import Layer, LayerSpec, TiedLayerSpec
-from pipetopo import PipelineParallelGrid, ProcessTopology, default_if_none, none_if_default
+from pipespec import Layer
+from pipetopo import PipelineParallelGrid, ProcessTopology
 
-__all__ = ["PipelineModule", "TiedForward"]
+__all__ = ["PipelineModule"]
 
 logger = logging.getLogger(__name__)
-
-
-class TiedForward:
-    """A tied module used through a ``forward_fn``: calling it runs ``forward_fn(module, x)``."""
-
-    def __init__(self, forward_fn: Callable[[torch.nn.Module, Any], Any], module: torch.nn.Module):
-        self.forward_fn = forward_fn
-        self.module = module
-
-    def __call__(self, inputs: Any) -> Any:
-        return self.forward_fn(self.module, inputs)
-
-    def __repr__(self) -> str:
-        name = getattr(self.forward_fn, "__name__", repr(self.forward_fn))
-        return f"TiedForward({name}, {type(self.module).__name__})"
-
-
-ForwardFunc = Callable[[Any], Any]
 
 
 class PipelineModule(torch.nn.Module):
@@ -56,7 +46,8 @@ class PipelineModule(torch.nn.Module):
     Construction is collective over ``process_group`` (default: the whole world): every rank
     must call it with the same layers and arguments, in the same order relative to other
     collective calls. Inconsistent arguments are detected and raise on every rank, rather than
-    hang as they would elsewhere.
+    hang as they would elsewhere. The decisions are one value, :attr:`layout` (see
+    :func:`pipemodule.plan_pipeline`), computed before any communication.
 
     Args:
         layers: ``LayerSpec``, ``TiedLayerSpec``, built ``nn.Module`` and plain callables, in the
@@ -95,7 +86,8 @@ class PipelineModule(torch.nn.Module):
         profile_input: sample input of the first layer, for ``partition_method='profile'``.
 
     Raises:
-        ValueError: bad arguments, before any collective communication.
+        TypeError: an argument of the wrong type, before any collective communication.
+        ValueError: a bad argument value, before any collective communication.
         RuntimeError: torch.distributed is not initialised, or ranks disagree about the model.
     """
 
@@ -121,29 +113,66 @@ class PipelineModule(torch.nn.Module):
         profile_input: Any = None,
     ) -> None:
         super().__init__()
-        config = validate_config(
-            layers=layers,
-            num_stages=num_stages,
-            topology=topology,
+        # 1. Check every argument locally: an error found after a collective would be a hang.
+        require_initialised()
+        options = StageOptions(
             loss_fn=loss_fn,
             seed_layers=seed_layers,
             seed_fn=seed_fn,
             base_seed=base_seed,
-            partition_method=partition_method,
             activation_checkpoint_interval=activation_checkpoint_interval,
             activation_checkpoint_func=activation_checkpoint_func,
-            checkpointable_layers=checkpointable_layers,
-            device=device,
-            process_group=process_group,
+            checkpointable_layers=StageOptions.layer_classes(checkpointable_layers),
+        )
+        arguments = check_pipeline_arguments(
+            layers,
+            num_stages,
+            topology=topology,
+            world_size=dist.get_world_size(process_group),
+            partition_method=partition_method,
             stage_speeds=stage_speeds,
             stage_memory_limits=stage_memory_limits,
-            profile_input=profile_input,
         )
-        self._config = config
-        self._layer_specs: list[Layer] = list(config.layers)
-        self._num_layers = len(self._layer_specs)
-        self._topo = config.topology
-        self.num_stages = config.num_stages
+        _refuse_nested_pipelines(arguments.layers)
+        if arguments.needs_profile and profile_input is None:
+            raise ValueError(
+                "partition_method='profile' measures each layer on a sample input: pass "
+                "profile_input=<a sample batch for the first layer>"
+            )
+        resolved_device = resolve_device(device)
+
+        # 2. The layout, unless it balances times that must be measured first.
+        layout = None if arguments.needs_profile else layout_of(arguments)
+
+        # 3. Agree, before any group exists: ranks that disagree create different groups.
+        fingerprint = arguments.fingerprint() if layout is None else layout.fingerprint()
+        init_seed = agree_on_construction(fingerprint, torch.initial_seed(), process_group)
+        seeding = Seeding(seed_layers, seed_fn, base_seed, init_seed, resolved_device)
+        if layout is None:
+            costs = measure_on_first_rank(arguments.layers, profile_input, seeding, process_group)
+            layout = layout_of(arguments, profile=costs)
+
+        # 4. The grid: the process groups of the topology.
+        self._grid = PipelineParallelGrid(topology=layout.topology, process_group=process_group)
+        self._layout = layout
+        self._options = options
+        self._seeding = seeding
+        stage = self._grid.stage_id
+        if self._grid.topology_rank == 0 and logger.isEnabledFor(logging.INFO):
+            logger.info("pipeline partition (%s):\n%s", layout.plan.method, layout.table())
+
+        # 5. Build the local layers, directly on the device.
+        builder = LayerBuilder(
+            layout.layers, {key: tie.first_layer for key, tie in layout.ties.items()}, seeding
+        )
+        built = run_on_every_rank(
+            f"building stage {stage}",
+            lambda: builder.build_stage(layout.layers_of(stage)),
+            self._grid.process_group,
+        )
+
+        # DeepSpeed's public attributes, kept for compatibility; the working state is above.
+        self.num_stages = layout.num_stages
         self.loss_fn = loss_fn
         self.seed_layers = seed_layers
         self.seed_fn = seed_fn
@@ -152,150 +181,52 @@ class PipelineModule(torch.nn.Module):
         self.activation_checkpoint_interval = activation_checkpoint_interval
         self.activation_checkpoint_func = activation_checkpoint_func
         self.checkpointable_layers = (
-            None if checkpointable_layers is None else list(checkpointable_layers)
+            None if options.checkpointable_layers is None else list(options.checkpointable_layers)
         )
         self.dynamic_shape = dynamic_shape
-        self.device = config.device
-        self.micro_offset = 0
-        self.curr_layer = -1
-
-        # Plans that need no measurement are computed before the first collective, so a
-        # partition error (e.g. an empty stage) raises on every rank without communication.
-        plan = None if config.needs_profile else plan_stages(config)
-
-        self._grid = PipelineParallelGrid(topology=self._topo, process_group=process_group)
+        self.device = resolved_device
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size(process_group)
-        self.stage_id = self._grid.get_stage_id()
-        group = self._grid.process_group
-
-        fingerprint = ConstructionFingerprint(
-            layers=tuple(layer_signature(layer) for layer in self._layer_specs),
-            topology=repr(self._topo),
-            partition=repr(config.method) if plan is None else repr(plan.boundaries),
-        )
-        self._init_seed = agree_on_construction(fingerprint, torch.initial_seed(), group)
-
-        if plan is None:
-            costs = run_on_every_rank("profiling the layers", self._profile_on_rank_zero, group)
-            plan = plan_stages(config, profile=costs)
-        self.plan: PartitionPlan = plan
-        self.parts: list[int] = list(plan.boundaries)
-        self._local_start = self.parts[self.stage_id]
-        self._local_stop = self.parts[self.stage_id + 1]
-        if self.global_rank == self._grid.to_global_rank(0) and logger.isEnabledFor(logging.INFO):
-            # Only the logging rank describes the layers (on meta) for a parameters column
-            # when the method itself did not need their counts.
-            shown = with_parameter_counts(plan, self._layer_specs)
-            logger.info("pipeline partition (%s):\n%s", plan.method, shown.table())
-
-        self.forward_funcs: list[ForwardFunc] = []
+        self.stage_id = stage
+        self.plan: PartitionPlan = layout.plan
+        self.parts: list[int] = list(layout.plan.boundaries)
+        self.micro_offset = 0
+        self.curr_layer = -1
+        self.forward_funcs: list[ForwardFunc] = built.forward_funcs
         self.fwd_map: dict[str, int] = {}
-        self.tied_modules = torch.nn.ModuleDict()
-        self.tied_weight_attrs: dict[str, tuple[str, ...]] = {}
-        run_on_every_rank(f"building stage {self.stage_id}", self._build, group)
-        self.tied_comms: dict[str, TieComm] = self._index_tied_modules()
+        self.tied_modules = torch.nn.ModuleDict(built.tied_modules)
+        self.tied_weight_attrs = {key: layout.ties[key].attrs for key in built.tied_modules}
+        for index, module in built.modules.items():
+            self.fwd_map[str(index)] = self._local_index(index)
+            self.add_module(str(index), module)
+
+        # 6. Link the tied copies and start them equal.
+        self.tied_comms: dict[str, TieLink] = link_ties(layout, self._grid, built.tied_modules)
         self._synchronize_tied_weights()
 
-    # ------------------------------------------------------------------ construction
-
-    def _build(self) -> None:
-        for index in range(self._local_start, self._local_stop):
-            layer = self._layer_specs[index]
-            if isinstance(layer, TiedLayerSpec):
-                self._add_tied(index, layer)
-            elif isinstance(layer, LayerSpec):
-                with self._layer_seed(index):
-                    self._register_layer(index, layer.build(device=self.device))
-            elif isinstance(layer, torch.nn.Module):
-                self._register_layer(index, layer.to(self.device))
-            else:
-                self.forward_funcs.append(layer)
-
-    def _add_tied(self, index: int, layer: TiedLayerSpec) -> None:
-        if layer.key not in self.tied_modules:
-            # By default a tied module is built from the seed of its key's first occurrence,
-            # whichever stage builds it, so every copy starts identical even before the owner's
-            # values are broadcast. seed_layers seeds by the occurrence being built, as DeepSpeed.
-            seed_index = index if self.seed_layers else self._tied_keys()[layer.key].first_layer
-            with self._layer_seed(seed_index):
-                self.tied_modules[layer.key] = layer.build(device=self.device)
-            self.tied_weight_attrs[layer.key] = layer.tied_weight_attr
-        module = self.tied_modules[layer.key]
-        if layer.forward_fn is None:
-            self.forward_funcs.append(module)
-        else:
-            self.forward_funcs.append(TiedForward(layer.forward_fn, module))
-
-    def _register_layer(self, index: int, module: torch.nn.Module) -> None:
-        self.forward_funcs.append(module)
-        self.fwd_map[str(index)] = len(self.forward_funcs) - 1
-        self.add_module(str(index), module)
-
-    def _layer_seed(self, index: int) -> _LayerSeed:
-        return _LayerSeed(self, index)
-
-    def _tied_keys(self) -> dict[str, TiedKey]:
-        return self._config.tied_keys
-
-    def _profile_on_rank_zero(self) -> list[float] | None:
-        costs: list[float] | None = None
-        owner = self._grid.to_global_rank(0)
-        if self.global_rank == owner:
-            costs = measure_layer_costs(
-                self._layer_specs,
-                self._config.profile_input,
-                device=self.device,
-                build=self._build_for_profile,
-            )
-        shared: list[object] = [costs]
-        dist.broadcast_object_list(shared, src=owner, group=self._grid.process_group)
-        received = shared[0]
-        assert isinstance(received, list)
-        return [float(cost) for cost in received]
-
-    def _build_for_profile(self, index: int) -> ForwardFunc:
-        layer = self._layer_specs[index]
-        if isinstance(layer, TiedLayerSpec):
-            module = layer.build(device=self.device)
-            if layer.forward_fn is None:
-                return module
-            return TiedForward(layer.forward_fn, module)
-        if isinstance(layer, LayerSpec):
-            return layer.build(device=self.device)
-        if isinstance(layer, torch.nn.Module):
-            return layer
-        return layer
-
-    def _index_tied_modules(self) -> dict[str, TieComm]:
-        """Create one group per (key, non-pipe coordinate) over the stages holding the key.
-
-        Collective: every rank creates every group, keys in sorted order and coordinates in
-        row-major order, so all ranks agree on the order of group creation.
-        """
-        comms: dict[str, TieComm] = {}
-        pipe_lines = self._topo.get_axis_comm_lists("pipe")
-        for key, tied in sorted(self._tied_keys().items()):
-            stages = sorted({self.stage_owner(index) for index in tied.layer_indices})
-            if len(stages) < 2:
-                continue
-            for line in pipe_lines:
-                topo_ranks = [line[stage] for stage in stages]
-                group = self._grid.group_for(topo_ranks)
-                global_ranks = tuple(self._grid.to_global_rank(rank) for rank in topo_ranks)
-                if self.global_rank in global_ranks and group is not None:
-                    comms[key] = TieComm(
-                        key=key,
-                        ranks=global_ranks,
-                        group=none_if_default(group),
-                        attrs=self.tied_weight_attrs[key],
-                        module=self.tied_modules[key],
-                    )
-        return comms
+    def _local_index(self, layer_index: int) -> int:
+        return layer_index - self._layout.layers_of(self.stage_id).start
 
     def _synchronize_tied_weights(self) -> None:
-        for comm in self.tied_comms.values():
-            comm.broadcast_from_owner()
+        for link in self.tied_comms.values():
+            link.broadcast_from_owner()
+
+    # ------------------------------------------------------------------ layout and grid
+
+    @property
+    def layout(self) -> PipelineLayout:
+        """The pipeline's layout: every stage's layers, the ties, the topology."""
+        return self._layout
+
+    @property
+    def grid(self) -> PipelineParallelGrid:
+        """The communication grid (DeepSpeed calls it :meth:`mpu`)."""
+        return self._grid
+
+    @property
+    def local_layer_indices(self) -> range:
+        """Global indices of the layers this stage runs."""
+        return self._layout.layers_of(self.stage_id)
 
     # ------------------------------------------------------------------ DeepSpeed accessors
 
@@ -305,16 +236,23 @@ class PipelineModule(torch.nn.Module):
 
     def stage_owner(self, layer_idx: int) -> int:
         """The stage that holds global layer ``layer_idx``."""
-        if not 0 <= layer_idx < self._num_layers:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"layer_idx={layer_idx!r} is not an int; pass a global layer index")
+        num_layers = self._layout.num_layers
+        if not 0 <= layer_idx < num_layers:
             raise ValueError(
-                f"layer_idx={layer_idx} is out of range: the pipeline has {self._num_layers} "
-                f"layers (0 to {self._num_layers - 1})"
+                f"layer_idx={layer_idx} is out of range: the pipeline has {num_layers} "
+                f"layers (0 to {num_layers - 1})"
             )
-        return self.plan.stage_of(layer_idx)
+        return self._layout.stage_of(layer_idx)
 
     def topology(self) -> ProcessTopology:
         """The process topology (pipe x data x ...) of this pipeline."""
-        return self._topo
+        return self._layout.topology
+
+    @property
+    def _topo(self) -> ProcessTopology:
+        return self._layout.topology
 
     def mpu(self) -> PipelineParallelGrid:
         """The communication grid, with DeepSpeed's model-parallel-unit accessors."""
@@ -323,10 +261,7 @@ class PipelineModule(torch.nn.Module):
     def num_pipeline_stages(self) -> int:
         return self.num_stages
 
-    @property
-    def local_layer_indices(self) -> range:
-        """Global indices of the layers this stage runs."""
-        return range(self._local_start, self._local_stop)
+    # ------------------------------------------------------------------ ties
 
     def allreduce_tied_weight_gradients(self) -> None:
         """Sum the gradients of each tied tensor over the stages that hold a copy.
@@ -334,16 +269,19 @@ class PipelineModule(torch.nn.Module):
         Call after backward and before the optimizer step, so every copy takes the same step.
         Collective over each tie group.
         """
-        for comm in self.tied_comms.values():
-            comm.sum_gradients()
+        for link in self.tied_comms.values():
+            link.sum_gradients()
 
     def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, dist.ProcessGroup]]:
         """``(tensor, group)`` for each tied tensor this stage holds, as DeepSpeed returns."""
-        return [
-            (tensor, default_if_none(comm.group))
-            for comm in self.tied_comms.values()
-            for tensor in comm.tensors()
-        ]
+        pairs = []
+        for link in self.tied_comms.values():
+            # Created at construction, so this is a cache look-up on this rank alone.
+            group = self._grid.group_for(link.topology_ranks)
+            if group is None:
+                raise RuntimeError(f"rank {self.global_rank} lost the group of tie {link.key!r}")
+            pairs += [(tensor, group) for tensor in link.tensors()]
+        return pairs
 
     def is_tied_copy(self, parameter: torch.Tensor) -> bool:
         """Whether ``parameter`` is a tied tensor whose owner is another stage.
@@ -351,23 +289,16 @@ class PipelineModule(torch.nn.Module):
         Summing a quantity over all stages (a parameter count, a gradient norm) counts each tied
         tensor once by skipping these copies.
         """
-        for comm in self.tied_comms.values():
-            if comm.ranks[0] != self.global_rank and any(
-                parameter is tensor for tensor in comm.tensors()
-            ):
-                return True
-        return False
+        return any(
+            link.owner != self.global_rank and any(parameter is t for t in link.tensors())
+            for link in self.tied_comms.values()
+        )
 
     # ------------------------------------------------------------------ forward
 
     def set_checkpoint_interval(self, interval: int) -> None:
         """Checkpoint activations in chunks of ``interval`` layers (0 disables)."""
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise ValueError(
-                f"interval={interval!r}: the activation checkpoint interval must be an int >= 0 "
-                f"(0 disables checkpointing)"
-            )
-        self.activation_checkpoint_interval = interval
+        self.activation_checkpoint_interval = check_checkpoint_interval("interval", interval)
 
     def forward(self, *inputs: Any) -> Any:
         """Run the local layers in order.
@@ -376,68 +307,22 @@ class PipelineModule(torch.nn.Module):
         arguments, as a schedule passes a previous stage's tuple output, are passed as a tuple.
         """
         self.micro_offset += 1
-        micro_offset = self.micro_offset
-        x: Any = inputs[0] if len(inputs) == 1 else tuple(inputs)
-        if isinstance(x, tuple) and len(x) == 1:
-            x = x[0]
-        interval = self.activation_checkpoint_interval
-        if interval == 0:
-            return self._run_range(0, len(self.forward_funcs), micro_offset)(x)
-        for start in range(0, len(self.forward_funcs), interval):
-            stop = min(start + interval, len(self.forward_funcs))
-            run = self._run_range(start, stop, micro_offset)
-            if self._is_checkpointable(self.forward_funcs[start:stop]):
-                args = x if isinstance(x, tuple) else (x,)
-                x = self.activation_checkpoint_func(_unpacking(run), *args)
-            else:
-                x = run(x)
-        return x
-
-    def _run_range(self, start: int, stop: int, micro_offset: int) -> Callable[[Any], Any]:
-        def run(x: Any) -> Any:
-            for local_index in range(start, stop):
-                # The global index, also inside checkpointed chunks: DeepSpeed uses the index
-                # within the chunk there, so every chunk reuses the same seeds.
-                self.curr_layer = self._local_start + local_index
-                if self.seed_layers:
-                    (self.seed_fn or default_seed_fn)(
-                        self.base_seed * micro_offset + self.curr_layer
-                    )
-                x = self.forward_funcs[local_index](x)
-            return x
-
-        return run
-
-    def _is_checkpointable(self, funcs: Sequence[ForwardFunc]) -> bool:
-        modules = [f.module if isinstance(f, TiedForward) else f for f in funcs]
-        if self.checkpointable_layers is not None:
-            return all(type(m).__name__ in self.checkpointable_layers for m in modules)
-        return any(
-            isinstance(m, torch.nn.Module) and next(m.parameters(), None) is not None
-            for m in modules
-        )
+        return run_layers(self, inputs, self.micro_offset)
 
     # ------------------------------------------------------------------ checkpoints
 
     def ckpt_layer_path(self, ckpt_dir: str | Path, local_layer_idx: int) -> str:
         """The file of local layer ``local_layer_idx`` in ``ckpt_dir`` (DeepSpeed's naming)."""
-        return str(self._layer_file(ckpt_dir, self._local_start + local_layer_idx))
+        index = self.local_layer_indices.start + local_layer_idx
+        return str(layer_file(ckpt_dir, index, self._rank_repr()))
 
-    def _layer_file(self, directory: str | Path, layer_index: int) -> Path:
-        return layer_file(directory, layer_index, self._topo.get_rank_repr(self._topo_rank()))
+    def _rank_repr(self) -> str:
+        return self._layout.topology.get_rank_repr(self._grid.topology_rank)
 
-    def _topo_rank(self) -> int:
-        return self._grid.topology_rank
-
-    def _files_to_save(self) -> list[tuple[int, torch.nn.Module]]:
-        """``(global layer index, module)`` this rank writes: its layers, and its owned ties."""
-        owned: list[tuple[int, torch.nn.Module]] = [
-            (int(name), self.get_submodule(name)) for name in self.fwd_map
-        ]
-        for key, tied in sorted(self._tied_keys().items()):
-            if key in self.tied_modules and self.stage_owner(tied.first_layer) == self.stage_id:
-                owned.append((tied.first_layer, self.tied_modules[key]))
-        return sorted(owned, key=lambda entry: entry[0])
+    def _files(self, *, owned_only: bool) -> list[tuple[int, torch.nn.Module]]:
+        modules = {int(name): self.get_submodule(name) for name in self.fwd_map}
+        tied = {key: self.tied_modules[key] for key in self.tied_modules}
+        return stage_files(self._layout, self.stage_id, modules, tied, owned_only=owned_only)
 
     def save_state_dict(self, save_dir: str | Path, exclude_frozen_params: bool = False) -> None:
         """Write one file per layer with parameters, and one per tie key, into ``save_dir``.
@@ -453,14 +338,13 @@ class PipelineModule(torch.nn.Module):
         directory = Path(save_dir)
 
         def write() -> None:
-            if self._grid.get_data_parallel_id() != 0:
-                return
-            for index, module in self._files_to_save():
-                state = module.state_dict()
-                if exclude_frozen_params:
-                    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-                    state = {k: v for k, v in state.items() if k not in frozen}
-                atomic_save(state, self._layer_file(directory, index))
+            if self._grid.axis_rank("data") == 0:
+                save_layer_files(
+                    self._files(owned_only=True),
+                    directory,
+                    self._rank_repr(),
+                    exclude_frozen_params=exclude_frozen_params,
+                )
 
         run_on_every_rank(f"saving the checkpoint to {directory}", write, self._grid.process_group)
 
@@ -471,60 +355,24 @@ class PipelineModule(torch.nn.Module):
         every rank, naming the layer and the path.
         """
         directory = Path(load_dir)
-
-        def read() -> None:
-            for index, module in self._files_to_load():
-                path = self._layer_file(directory, index)
-                state = load_layer_file(path, index, self.device)
-                try:
-                    module.load_state_dict(state, strict=strict)
-                except RuntimeError as error:
-                    raise RuntimeError(
-                        f"the checkpoint of layer {index} at {path} does not fit "
-                        f"{type(module).__name__}: {error}"
-                    ) from error
-
         run_on_every_rank(
-            f"loading the checkpoint from {directory}", read, self._grid.process_group
+            f"loading the checkpoint from {directory}",
+            lambda: load_layer_files(
+                self._files(owned_only=False),
+                directory,
+                self._rank_repr(),
+                map_location=self.device,
+                strict=strict,
+            ),
+            self._grid.process_group,
         )
         self._synchronize_tied_weights()
 
-    def _files_to_load(self) -> list[tuple[int, torch.nn.Module]]:
-        entries: list[tuple[int, torch.nn.Module]] = [
-            (int(name), self.get_submodule(name)) for name in self.fwd_map
-        ]
-        for key in self.tied_modules:
-            entries.append((self._tied_keys()[key].first_layer, self.tied_modules[key]))
-        return sorted(entries, key=lambda entry: entry[0])
 
-
-class _LayerSeed:
-    """Seeds the RNGs before building one layer, as ``seed_layers`` asks."""
-
-    def __init__(self, module: PipelineModule, index: int) -> None:
-        self._module = module
-        self._index = index
-        self._fork: Any = None
-
-    def __enter__(self) -> None:
-        module = self._module
-        if module.seed_layers:
-            # As DeepSpeed: the seed stays set after construction.
-            (module.seed_fn or default_seed_fn)(module.base_seed + self._index)
-            return
-        devices = [module.device] if module.device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.manual_seed(layer_init_seed(module._init_seed, self._index))
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._fork is not None:
-            self._fork.__exit__(*exc_info)
-            self._fork = None
-
-
-def _unpacking(run: Callable[[Any], Any]) -> Callable[..., Any]:
-    def call(*args: Any) -> Any:
-        return run(args[0] if len(args) == 1 else args)
-
-    return call
+def _refuse_nested_pipelines(layers: Sequence[Layer]) -> None:
+    for index, layer in enumerate(layers):
+        if isinstance(layer, PipelineModule):
+            raise ValueError(
+                f"layer {index} is a PipelineModule; nested pipelines are not supported: pass its "
+                f"layer list instead"
+            )

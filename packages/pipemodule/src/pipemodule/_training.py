@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
+from pipemodule._checks import positive_int
 from pipemodule._module import PipelineModule
-from pipetopo import none_if_default
 
 __all__ = [
     "SCHEDULES",
@@ -41,7 +41,7 @@ def pipeline_stage(module: PipelineModule) -> PipelineStage:
         stage_index=module.stage_id,
         num_stages=module.num_stages,
         device=module.device,
-        group=none_if_default(module.mpu().get_pipe_parallel_group()),
+        group=module.grid.axis_group("pipe"),
     )
 
 
@@ -59,12 +59,7 @@ def build_schedule(
     name = schedule.lower()
     if name not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not known; use one of {sorted(SCHEDULES)}")
-    if (
-        isinstance(n_microbatches, bool)
-        or not isinstance(n_microbatches, int)
-        or n_microbatches < 1
-    ):
-        raise ValueError(f"n_microbatches={n_microbatches!r} must be a positive int")
+    positive_int("n_microbatches", n_microbatches)
     if name == "1f1b" and n_microbatches < module.num_stages:
         raise ValueError(
             f"the 1F1B schedule needs at least as many micro-batches as stages: "
@@ -85,8 +80,8 @@ def average_data_parallel_gradients(module: PipelineModule) -> None:
     Gradients are flattened into one buffer per dtype, so a step costs one all-reduce per dtype
     rather than one per parameter.
     """
-    grid = module.mpu()
-    replicas = grid.get_data_parallel_world_size()
+    grid = module.grid
+    replicas = grid.axis_size("data")
     if replicas == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -97,7 +92,7 @@ def average_data_parallel_gradients(module: PipelineModule) -> None:
             by_dtype.setdefault(parameter.grad.dtype, []).append(parameter.grad)
     for grads in by_dtype.values():
         flat = torch.cat([grad.reshape(-1) for grad in grads])
-        dist.all_reduce(flat, group=grid.get_data_parallel_group())
+        dist.all_reduce(flat, group=grid.axis_group("data"))
         flat /= replicas
         offset = 0
         for grad in grads:
@@ -118,8 +113,8 @@ def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm={max_norm!r} must be > 0")
-    grid = module.mpu()
-    first_slice = grid.get_slice_parallel_rank() == 0
+    grid = module.grid
+    first_slice = "model" not in grid.axes or grid.axis_rank("model") == 0
     grads = [
         p.grad
         for p in module.parameters()
@@ -130,7 +125,7 @@ def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
     squares = torch.zeros((), dtype=torch.float64, device=module.device)
     for grad in grads:
         squares += grad.detach().double().pow(2).sum()
-    dist.all_reduce(squares, group=grid.get_model_parallel_group())
+    dist.all_reduce(squares, group=grid.replica_group())
     total_norm = math.sqrt(float(squares))
     scale = max_norm / (total_norm + 1e-6)
     if scale < 1.0:
@@ -188,7 +183,7 @@ class PipelineTrainer:
         The loss is averaged over micro-batches and data-parallel replicas and returned on every
         rank.
         """
-        grid = self.module.mpu()
+        grid = self.module.grid
         self.optimizer.zero_grad(set_to_none=False)
         losses: list[torch.Tensor] = []
         if grid.is_first_stage:
@@ -210,7 +205,7 @@ class PipelineTrainer:
 
     def evaluate(self, inputs: Any = None, labels: Any = None) -> float:
         """The mean loss on one batch, without gradients or updates (collective)."""
-        grid = self.module.mpu()
+        grid = self.module.grid
         losses: list[torch.Tensor] = []
         args: tuple[Any, ...] = ()
         if grid.is_first_stage:
@@ -225,12 +220,12 @@ class PipelineTrainer:
     def _mean_loss(self, losses: list[torch.Tensor]) -> float:
         # Only the last stage has losses: a sum over the pipe group hands its mean to every
         # stage, and an average over the data group combines the replicas.
-        grid = self.module.mpu()
+        grid = self.module.grid
         total = torch.zeros((), dtype=torch.float64, device=self.module.device)
         if losses:
             total += torch.stack([loss.detach().double() for loss in losses]).mean()
-        dist.all_reduce(total, group=grid.get_pipe_parallel_group())
-        if grid.get_data_parallel_world_size() > 1:
-            dist.all_reduce(total, group=grid.get_data_parallel_group())
-            total /= grid.get_data_parallel_world_size()
+        dist.all_reduce(total, group=grid.axis_group("pipe"))
+        if grid.axis_size("data") > 1:
+            dist.all_reduce(total, group=grid.axis_group("data"))
+            total /= grid.axis_size("data")
         return float(total)

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_save", "layer_file", "load_layer_file"]
+from pipemodule._layout import PipelineLayout
+
+__all__ = [
+    "atomic_save",
+    "layer_file",
+    "load_layer_file",
+    "load_layer_files",
+    "save_layer_files",
+    "stage_files",
+]
 
 
 def layer_file(directory: str | os.PathLike[str], layer_index: int, rank_repr: str) -> Path:
@@ -82,3 +91,61 @@ def load_layer_file(
             f"not a state dict"
         )
     return state
+
+
+def stage_files(
+    layout: PipelineLayout,
+    stage: int,
+    modules: Mapping[int, torch.nn.Module],
+    tied_modules: Mapping[str, torch.nn.Module],
+    *,
+    owned_only: bool,
+) -> list[tuple[int, torch.nn.Module]]:
+    """``(global layer index, module)`` of each file a stage writes or reads, by layer index.
+
+    A stage has a file per layer module it holds, and one per tie key it holds, under the key's
+    first layer. Only the owner of a tie writes its file (``owned_only``); every holder reads it.
+    """
+    entries = list(modules.items())
+    for key, module in tied_modules.items():
+        tie = layout.ties[key]
+        if not owned_only or tie.owner_stage == stage:
+            entries.append((tie.first_layer, module))
+    return sorted(entries, key=lambda entry: entry[0])
+
+
+def save_layer_files(
+    entries: list[tuple[int, torch.nn.Module]],
+    directory: Path,
+    rank_repr: str,
+    *,
+    exclude_frozen_params: bool,
+) -> None:
+    """Write one file per entry, each atomically."""
+    for index, module in entries:
+        state = module.state_dict()
+        if exclude_frozen_params:
+            frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+            state = {name: value for name, value in state.items() if name not in frozen}
+        atomic_save(state, layer_file(directory, index, rank_repr))
+
+
+def load_layer_files(
+    entries: list[tuple[int, torch.nn.Module]],
+    directory: Path,
+    rank_repr: str,
+    *,
+    map_location: torch.device,
+    strict: bool,
+) -> None:
+    """Load every entry's file into its module; a missing or mismatched file names the layer."""
+    for index, module in entries:
+        path = layer_file(directory, index, rank_repr)
+        state = load_layer_file(path, index, map_location)
+        try:
+            module.load_state_dict(state, strict=strict)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"the checkpoint of layer {index} at {path} does not fit "
+                f"{type(module).__name__}: {error}"
+            ) from error

@@ -8,7 +8,7 @@ from typing import TypeVar, cast
 
 import torch.distributed as dist
 
-__all__ = ["PipelineRankError", "gather_objects", "run_on_every_rank"]
+__all__ = ["PipelineRankError", "gather_objects", "global_rank", "run_on_every_rank"]
 
 T = TypeVar("T")
 
@@ -29,8 +29,9 @@ def run_on_every_rank(what: str, step: Callable[[], T], group: dist.ProcessGroup
 
     A step that raises on one rank while its peers go on into the next collective would leave
     those peers waiting forever. Instead, every rank reports its outcome, and if any rank failed,
-    every rank raises: the failing rank re-raises its own exception (chained to a summary), the
-    others raise a ``PipelineRankError`` that quotes the failure. Collective over ``group``.
+    every rank raises: a failing rank re-raises its own exception, with a note naming the other
+    failures if there were any, and the others raise a ``PipelineRankError`` that quotes every
+    failure. Collective over ``group``.
     """
     error: BaseException | None = None
     result: T | None = None
@@ -41,15 +42,18 @@ def run_on_every_rank(what: str, step: Callable[[], T], group: dist.ProcessGroup
     report = None if error is None else "".join(traceback.format_exception_only(error)).strip()
     reports = gather_objects(report, group)
     failures = [
-        (_global_rank(group, index), text) for index, text in enumerate(reports) if text is not None
+        (global_rank(group, index), text) for index, text in enumerate(reports) if text is not None
     ]
     if failures:
         summary = "; ".join(f"rank {rank}: {text}" for rank, text in failures)
         if error is not None:
+            if len(failures) > 1 and hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"{what} failed on {len(failures)} rank(s): {summary}")
             raise error
         raise PipelineRankError(f"{what} failed on {len(failures)} rank(s): {summary}")
     return cast(T, result)
 
 
-def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    """The global rank of rank ``group_rank`` of ``group`` (None: the default group)."""
     return group_rank if group is None else dist.get_global_rank(group, group_rank)

@@ -36,6 +36,11 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
             f"device={device!r} is not a torch device; pass e.g. 'cpu', 'cuda:0' or "
             f"torch.device('cuda', local_rank)"
         ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} asks for CUDA, but this process sees no CUDA device; pass "
+            f"device='cpu', or run where torch.cuda.is_available() is True"
+        )
     if resolved.type == "meta":
         raise ValueError(
             "device='meta' would build a stage without weights; use pipespec.describe() to inspect "

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from pipemodule._layout import find_ties
+from pipemodule._stage.build import LayerBuilder
+from pipemodule._stage.collective import global_rank, run_on_every_rank
+from pipemodule._stage.seeding import Seeding
 from pipespec import Layer
 
-__all__ = ["measure_layer_costs"]
+__all__ = ["measure_layer_costs", "measure_on_first_rank"]
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -91,3 +97,35 @@ def _detach(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_detach(item) for item in value)
     return value
+
+
+def measure_on_first_rank(
+    layers: Sequence[Layer],
+    sample_input: Any,
+    seeding: Seeding,
+    group: dist.ProcessGroup | None,
+) -> list[float]:
+    """Every layer's cost, measured on the first rank of ``group`` and shared with the others.
+
+    Collective over ``group``. A measurement that fails raises on every rank, naming the
+    measuring rank's error, instead of leaving the others waiting for the times.
+    """
+    # Built as in the default mode: measuring must leave seed_layers' global RNG state alone.
+    first_layers = {key: indices[0] for key, indices in find_ties(layers).items()}
+    builder = LayerBuilder(layers, first_layers, dataclasses.replace(seeding, seed_layers=False))
+    measuring_rank = global_rank(group, 0)
+
+    def measure() -> list[float] | None:
+        if dist.get_rank() != measuring_rank:
+            return None
+        return measure_layer_costs(
+            layers, sample_input, device=seeding.device, build=lambda i: builder.build(i, {})
+        )
+
+    costs = run_on_every_rank("profiling the layers", measure, group)
+    shared: list[object] = [costs]
+    dist.broadcast_object_list(shared, src=measuring_rank, group=group)
+    received = shared[0]
+    if not isinstance(received, list):
+        raise RuntimeError(f"rank {measuring_rank} sent {received!r} instead of layer times")
+    return [float(cost) for cost in received]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SeedFn", "default_seed_fn", "layer_init_seed"]
+__all__ = ["SeedFn", "Seeding", "default_seed_fn", "layer_init_seed"]
 
 SeedFn = Callable[[int], object]
 """A function that seeds the random number generators, called with a non-negative int."""
@@ -49,3 +51,41 @@ def default_seed_fn(seed: int) -> None:
     else:
         numpy.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Seeding:
+    """How layers are seeded when they are built and, with ``seed_layers``, when they run.
+
+    Attributes:
+        seed_layers: DeepSpeed's mode: ``seed_fn(base_seed + index)`` before building layer
+            ``index`` (the seed stays set afterwards) and before each forward of it.
+        seed_fn: the seeding function of that mode (default: :func:`default_seed_fn`).
+        base_seed: the first seed of that mode.
+        init_seed: the seed every rank agreed on (rank 0's torch seed) for the default mode, in
+            which each layer is built from :func:`layer_init_seed` of it and the global RNG is
+            left untouched.
+        device: the device layers are built on; its RNG is forked too when it is a GPU.
+    """
+
+    seed_layers: bool
+    seed_fn: SeedFn | None
+    base_seed: int
+    init_seed: int
+    device: torch.device
+
+    def seed(self, seed: int) -> None:
+        """Seed the RNGs the way ``seed_layers`` does."""
+        (self.seed_fn or default_seed_fn)(seed)
+
+    @contextmanager
+    def building(self, layer_index: int) -> Iterator[None]:
+        """Seed the RNGs to build global layer ``layer_index``."""
+        if self.seed_layers:
+            self.seed(self.base_seed + layer_index)  # as DeepSpeed: the seed stays set
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(layer_init_seed(self.init_seed, layer_index))
+            yield

@@ -1,76 +1,38 @@
-"""Tied layers: which layers share a key, and keeping the shared tensors identical across stages."""
+"""Keeping the copies of a tied module identical: the groups between the stages that hold one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from pipespec import Layer, TiedLayerSpec, resolve_tied_attr
+from pipemodule._layout import PipelineLayout
+from pipespec import resolve_tied_attr
+from pipetopo import PipelineParallelGrid
 
-__all__ = ["TieComm", "TiedKey", "index_tied_layers"]
-
-
-@dataclass(frozen=True)
-class TiedKey:
-    """Every occurrence of one tie key in the layer list."""
-
-    key: str
-    layer_indices: tuple[int, ...]
-    spec: TiedLayerSpec
-    """The first occurrence: all occurrences build the same module (checked)."""
-
-    @property
-    def first_layer(self) -> int:
-        return self.layer_indices[0]
-
-
-def index_tied_layers(layers: Sequence[Layer]) -> dict[str, TiedKey]:
-    """Group the tied layers of ``layers`` by key, in sorted key order.
-
-    Every occurrence of a key shares one module per stage, so all of them must describe the same
-    module: a different class, arguments or ``tied_weight_attr`` is an error (DeepSpeed silently
-    builds the first and ignores the rest). ``forward_fn`` may differ: that is how an embedding
-    is reused as the output projection.
-    """
-    occurrences: dict[str, list[int]] = {}
-    for index, layer in enumerate(layers):
-        if isinstance(layer, TiedLayerSpec):
-            occurrences.setdefault(layer.key, []).append(index)
-    tied: dict[str, TiedKey] = {}
-    for key in sorted(occurrences):
-        indices = occurrences[key]
-        first = layers[indices[0]]
-        assert isinstance(first, TiedLayerSpec)  # by construction of `occurrences`
-        for index in indices[1:]:
-            other = layers[index]
-            assert isinstance(other, TiedLayerSpec)
-            if not (
-                first.builds_same_module(other) and first.tied_weight_attr == other.tied_weight_attr
-            ):
-                raise ValueError(
-                    f"tie key {key!r} is used by layers {indices[0]} and {index} with different "
-                    f"modules: {first!r} vs {other!r}; every occurrence of a key shares one "
-                    f"module, so give them the same class, arguments and tied_weight_attr (use "
-                    f"forward_fn to use the module differently), or use different keys"
-                )
-        tied[key] = TiedKey(key=key, layer_indices=tuple(indices), spec=first)
-    return tied
+__all__ = ["TieLink", "link_ties"]
 
 
 @dataclass(frozen=True)
-class TieComm:
-    """The stages of one (data, model, ...) coordinate that hold a copy of a tied module."""
+class TieLink:
+    """This rank's copy of one tied module and the group of the stages holding the other copies."""
 
     key: str
+    topology_ranks: tuple[int, ...]
+    """The holders' ranks in the grid's topology, lowest stage first."""
     ranks: tuple[int, ...]
     """Global ranks holding a copy, lowest stage first; the first one owns the values."""
     group: dist.ProcessGroup | None
-    """None for the default group (see `pipetopo.none_if_default`)."""
+    """The group of ``ranks``; None is the default group, as torch.distributed reads it."""
     attrs: tuple[str, ...]
     module: torch.nn.Module
+
+    @property
+    def owner(self) -> int:
+        """The global rank whose values every copy takes."""
+        return self.ranks[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [resolve_tied_attr(self.module, attr) for attr in self.attrs]
@@ -79,7 +41,7 @@ class TieComm:
         """Copy the owner's values into every other copy (collective over the tie group)."""
         with torch.no_grad():
             for tensor in self.tensors():
-                dist.broadcast(tensor.data, src=self.ranks[0], group=self.group)
+                dist.broadcast(tensor.data, src=self.owner, group=self.group)
 
     def sum_gradients(self) -> None:
         """Sum the tied tensors' gradients over the copies (collective over the tie group).
@@ -91,3 +53,30 @@ class TieComm:
             if tensor.grad is None:
                 tensor.grad = torch.zeros_like(tensor)
             dist.all_reduce(tensor.grad, op=dist.ReduceOp.SUM, group=self.group)
+
+
+def link_ties(
+    layout: PipelineLayout,
+    grid: PipelineParallelGrid,
+    tied_modules: Mapping[str, torch.nn.Module],
+) -> dict[str, TieLink]:
+    """Create the group of every tie's rank sets; return this rank's links.
+
+    Collective over the grid's group: every rank creates every group, keys in sorted order and
+    pipeline replicas in row-major order (the layout's order), so all ranks agree on the order of
+    group creation.
+    """
+    links: dict[str, TieLink] = {}
+    for key, tie in layout.ties.items():
+        for topology_ranks in tie.rank_sets:
+            grid.group_for(topology_ranks)
+            if grid.topology_rank in topology_ranks:
+                links[key] = TieLink(
+                    key=key,
+                    topology_ranks=topology_ranks,
+                    ranks=tuple(grid.to_global_rank(rank) for rank in topology_ranks),
+                    group=grid.group_of(topology_ranks),
+                    attrs=tie.attrs,
+                    module=tied_modules[key],
+                )
+    return links

@@ -1,0 +1,92 @@
+"""The text report: a title, the partition plan's own table with a memory column, a footer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipemodule import OPTIMIZER_STATES
+from pipemodule._cli.report import Report, counted
+from pipepartition import Parameters, PartitionMethod, TypeRegex
+
+__all__ = ["render"]
+
+_NAMES_WIDTH = 60
+_TIED_MARK = "*"
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(count: int) -> str:
+    """``773 KiB``, ``1.14 GiB``: three significant digits, binary units."""
+    value, unit = float(count), 0
+    while round(value, 1) >= 1024 and unit < len(_BYTE_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{count} B"
+    decimals = 2 if value < 10 else 1 if value < 100 else 0
+    return f"{value:.{decimals}f} {_BYTE_UNITS[unit]}"
+
+
+def _cost(value: float, method: PartitionMethod) -> str:
+    """A stage cost in the unit the method balanced: ``6 layers matching 'Block'``."""
+    # pipeplan's methods balance counts (parameters or layers) and it passes no stage speeds,
+    # so every stage cost is a whole number.
+    whole = int(value)
+    if isinstance(method, Parameters):
+        return counted(whole, "trainable parameter")
+    matching = f" matching {method.pattern!r}" if isinstance(method, TypeRegex) else ""
+    return counted(whole, "layer") + matching
+
+
+def _holders(stages: Sequence[int]) -> str:
+    if len(stages) == 1:
+        return f"stage {stages[0]} only"
+    listed = f"stages {', '.join(str(stage) for stage in stages[:-1])} and {stages[-1]}"
+    return f"{listed} and counted in each"
+
+
+def _title(report: Report) -> str:
+    plan = report.layout.plan
+    call = ", ".join(f"{key}={value!r}" for key, value in report.arguments.items())
+    return (
+        f"{report.target}{f'({call})' if call else ''}: {counted(plan.num_layers, 'layer')} "
+        f"in {counted(plan.num_stages, 'stage')}, method {plan.method}, "
+        f"optimizer {report.optimizer}"
+    )
+
+
+def _table(report: Report) -> str:
+    layout = report.layout
+    tied = {index for tie in layout.ties.values() for index in tie.layer_indices}
+    names = [
+        info.name + _TIED_MARK if index in tied else info.name
+        for index, info in enumerate(layout.layer_infos())
+    ]
+    return layout.plan.table(
+        extra_columns={"memory": [format_bytes(stage.total_bytes) for stage in report.stages]},
+        names=names,
+        max_names_width=_NAMES_WIDTH,
+    )
+
+
+def _footer(report: Report) -> list[str]:
+    plan = report.layout.plan
+    lines = [
+        f"bottleneck: stage {report.bottleneck_stage} ({_cost(plan.bottleneck, report.method)});"
+        f" imbalance {plan.imbalance:.3f} (1.000 is perfect)",
+        f"memory: parameters + gradients + {report.optimizer} state "
+        f"({OPTIMIZER_STATES[report.optimizer]} per trainable parameter); activations not "
+        "included",
+    ]
+    lines += [
+        f"{_TIED_MARK} tied {tie.key!r} ({report.tie_parameters(tie):,} parameters) is held by "
+        f"{_holders(tie.stages)}"
+        for tie in report.layout.ties.values()
+    ]
+    lines.append(f"model: {report.model_parameters:,} parameters (each tied module once)")
+    return lines
+
+
+def render(report: Report) -> str:
+    """The report as text: title, one table row per stage, then the footer lines."""
+    return "\n".join([_title(report), _table(report), *_footer(report)])

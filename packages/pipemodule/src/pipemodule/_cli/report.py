@@ -1,0 +1,176 @@
+"""The plan pipeplan reports, made through the public layout API, and its JSON form."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipemodule import (
+    OPTIMIZER_STATES,
+    PipelineLayout,
+    StageMemory,
+    TieGroup,
+    estimate_stage_memory,
+    plan_pipeline,
+)
+from pipemodule._cli.arguments import Target, UsageError
+from pipemodule._cli.factory import one_line
+from pipepartition import Parameters, PartitionMethod, Uniform
+from pipespec import Layer, TiedLayerSpec
+
+__all__ = ["Report", "counted", "make_report", "to_json"]
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 layer``, ``27 layers``: a count and its noun, for the report's sentences."""
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What pipeplan prints: the layout of the factory's layers and each stage's memory.
+
+    ``layout`` holds the layer descriptions and its plan the per-layer parameter counts, so
+    nothing below describes a layer again.
+    """
+
+    target: Target
+    arguments: Mapping[str, object]
+    optimizer: str
+    layout: PipelineLayout
+    stages: tuple[StageMemory, ...]
+
+    @property
+    def method(self) -> PartitionMethod:
+        return self.layout.method
+
+    @property
+    def bottleneck_stage(self) -> int:
+        plan = self.layout.plan
+        return plan.stage_times.index(plan.bottleneck)
+
+    def tie_parameters(self, tie: TieGroup) -> int:
+        """Parameters of one copy of the tied module."""
+        return self.layout.layer_infos()[tie.first_layer].num_params
+
+    @property
+    def model_parameters(self) -> int:
+        """Parameters of the whole model: each tie key and each module object once."""
+        seen: set[Hashable] = set()
+        total = 0
+        for layer, info in zip(self.layout.layers, self.layout.layer_infos(), strict=True):
+            # A spec builds a module per layer; a tie key, or one module object listed twice,
+            # is one module however many layers (and stages) use it.
+            identity: Hashable = (
+                ("tied", layer.key)
+                if isinstance(layer, TiedLayerSpec)
+                else ("module", id(layer))
+                if isinstance(layer, torch.nn.Module)
+                else None
+            )
+            if identity is not None:
+                if identity in seen:
+                    continue
+                seen.add(identity)
+            total += info.num_params
+        return total
+
+
+def _layout(
+    target: Target, layers: Sequence[Layer], num_stages: int, method: PartitionMethod
+) -> PipelineLayout:
+    if 0 < len(layers) < num_stages:  # an empty list gets the library's own message
+        raise UsageError(
+            f"{target} has {counted(len(layers), 'layer')}, too few for {num_stages} stages "
+            f"(every stage needs a layer); use --stages {len(layers)} or fewer"
+        )
+    # A 'uniform' or 'type:' plan constructs nothing, so it checks the layer list, the ties and
+    # the pattern first; an error of the plan that describes the layers is then a layer that
+    # cannot be built on meta, which is told with where the user's code failed.
+    check = Uniform() if isinstance(method, Parameters) else method
+    try:
+        plan_pipeline(layers, num_stages=num_stages, partition_method=check)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"cannot plan {target}: {error}") from None
+    try:
+        layout = plan_pipeline(
+            layers, num_stages=num_stages, partition_method=method, describe=True
+        )
+    except Exception as error:
+        raise UsageError(
+            f"describing the layers of {target} on the meta device failed: {one_line(error)}"
+        ) from error
+    return layout.with_layer_infos()
+
+
+def make_report(
+    target: Target,
+    arguments: Mapping[str, object],
+    layers: Sequence[Layer],
+    *,
+    num_stages: int,
+    method: PartitionMethod,
+    optimizer: str,
+) -> Report:
+    """Plan ``layers`` as PipelineModule would, describing each layer on meta once."""
+    layout = _layout(target, layers, num_stages, method)
+    stages = estimate_stage_memory(layout, optimizer_states=OPTIMIZER_STATES[optimizer])
+    return Report(target, arguments, optimizer, layout, tuple(stages))
+
+
+def _loads(report: Report) -> list[float]:
+    plan = report.layout.plan
+    bottleneck = plan.bottleneck
+    return [time / bottleneck if bottleneck > 0 else 1.0 for time in plan.stage_times]
+
+
+def _stage_json(stage: StageMemory, cost: float, load: float) -> dict[str, Any]:
+    return {
+        "stage": stage.stage,
+        "first_layer": stage.layers.start,
+        "last_layer": stage.layers.stop - 1,
+        "num_layers": len(stage.layers),
+        "names": list(stage.names),
+        "parameters": stage.parameters,
+        "trainable_parameters": stage.trainable_parameters,
+        "parameter_bytes": stage.parameter_bytes,
+        "gradient_bytes": stage.gradient_bytes,
+        "optimizer_bytes": stage.optimizer_bytes,
+        "total_bytes": stage.total_bytes,
+        "tied_keys": list(stage.tied_keys),
+        "cost": cost,
+        "load": load,
+    }
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report as plain JSON values; its ``plan`` restores with PartitionPlan.from_dict."""
+    plan = report.layout.plan
+    costs = zip(report.stages, plan.stage_costs, _loads(report), strict=True)
+    return {
+        "factory": str(report.target),
+        "arguments": dict(report.arguments),
+        "num_layers": plan.num_layers,
+        "num_stages": plan.num_stages,
+        "method": plan.method,
+        "optimizer": report.optimizer,
+        "optimizer_states_per_parameter": OPTIMIZER_STATES[report.optimizer],
+        "model_parameters": report.model_parameters,
+        "stages": [_stage_json(stage, cost, load) for stage, cost, load in costs],
+        "tied": [
+            {
+                "key": tie.key,
+                "parameters": report.tie_parameters(tie),
+                "layers": list(tie.layer_indices),
+                "stages": list(tie.stages),
+            }
+            for tie in report.layout.ties.values()
+        ],
+        "bottleneck": plan.bottleneck,
+        "bottleneck_stage": report.bottleneck_stage,
+        "imbalance": plan.imbalance,
+        "plan": plan.to_dict(),
+    }

@@ -1,0 +1,276 @@
+"""The pipeline's layout: every decision that ranks make locally and identically, as one value."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pipemodule._layout.arguments import check_layers, per_stage, resolve_topology
+from pipemodule._layout.facts import describe_layers, unique_layers
+from pipemodule._layout.fingerprint import ConstructionFingerprint, layer_signature
+from pipemodule._layout.ties import TieGroup, find_ties, tie_groups
+from pipepartition import (
+    Parameters,
+    PartitionMethod,
+    PartitionPlan,
+    Profile,
+    parse_method,
+    plan_partition,
+)
+from pipespec import Layer, LayerInfo, layer_name
+from pipetopo import ProcessTopology
+
+__all__ = [
+    "PipelineArguments",
+    "PipelineLayout",
+    "check_pipeline_arguments",
+    "construction_fingerprint",
+    "layout_of",
+    "plan_pipeline",
+    "require_layer_per_stage",
+]
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Which stage holds which layers, who shares which tie, and what a stage costs.
+
+    A layout is computed by :func:`plan_pipeline` from the layer list and the topology alone:
+    no process group, no device, no communication. Every rank of a job computes the same layout
+    (ranks compare its :meth:`fingerprint` before building anything), and ``pipeplan`` shows the
+    same value a training job gets. ``PipelineModule.layout`` is the layout it was built from.
+
+    Attributes:
+        layers: the checked layer list, in forward order (global layer indices).
+        topology: the process topology; its ``pipe`` axis has one coordinate per stage.
+        method: the partition method, parsed.
+        plan: the partition into stages (boundaries, per-layer costs, the balanced bottleneck).
+        ties: every tie key, in sorted order, with its layers, holding stages and owner.
+        infos: per-layer descriptions on meta (names, parameter counts, bytes), or None when
+            neither the method nor a memory limit needed them (see :meth:`layer_infos`).
+    """
+
+    layers: tuple[Layer, ...]
+    topology: ProcessTopology
+    method: PartitionMethod
+    plan: PartitionPlan
+    ties: Mapping[str, TieGroup]
+    infos: tuple[LayerInfo, ...] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_stages(self) -> int:
+        return self.plan.num_stages
+
+    def layers_of(self, stage: int) -> range:
+        """Global indices of the layers ``stage`` runs."""
+        return self.plan.layers_of(stage)
+
+    def stage_of(self, layer_index: int) -> int:
+        """The stage that runs global layer ``layer_index``."""
+        return self.plan.stage_of(layer_index)
+
+    def held_layers(self, stage: int) -> tuple[int, ...]:
+        """The layers of ``stage`` that hold a module of their own there.
+
+        A tie key's module and a module object listed twice are held once per stage, by their
+        first layer on that stage.
+        """
+        return tuple(unique_layers(self.layers, self.layers_of(stage)))
+
+    def layer_infos(self) -> tuple[LayerInfo, ...]:
+        """Per-layer descriptions: the ones planning made, else described on meta now."""
+        return self.infos if self.infos is not None else describe_layers(self.layers)
+
+    def with_layer_infos(self) -> PipelineLayout:
+        """This layout with :attr:`infos` filled in (and the plan's parameter column)."""
+        infos = self.layer_infos()
+        plan = self.plan
+        if plan.parameters is None:
+            plan = dataclasses.replace(
+                plan, parameters=tuple(info.trainable_params for info in infos)
+            )
+        return dataclasses.replace(self, infos=infos, plan=plan)
+
+    def fingerprint(self) -> ConstructionFingerprint:
+        """What a rank builds from this layout, in a form ranks can exchange and compare."""
+        return construction_fingerprint(self.layers, self.topology, repr(self.plan.boundaries))
+
+    def table(self) -> str:
+        """The partition as a table, one row per stage, with trainable parameter counts."""
+        return self.with_layer_infos().plan.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"PipelineLayout({self.num_layers} layers in {self.num_stages} stages, "
+            f"boundaries {list(self.plan.boundaries)}, method {self.plan.method}, "
+            f"topology {self.topology!r}, ties {list(self.ties)})"
+        )
+
+
+def construction_fingerprint(
+    layers: Sequence[Layer], topology: ProcessTopology, partition: str
+) -> ConstructionFingerprint:
+    """The fingerprint of a construction whose partition is described by ``partition``.
+
+    ``partition`` is the boundaries of a finished layout, or the method while a measured
+    partition ('profile') is still to be made.
+    """
+    return ConstructionFingerprint(
+        layers=tuple(layer_signature(layer) for layer in layers),
+        topology=repr(topology),
+        partition=partition,
+    )
+
+
+def require_layer_per_stage(num_layers: int, plan: PartitionPlan | None, num_stages: int) -> None:
+    """Every stage needs at least one layer: too few layers, or boundaries leaving one empty."""
+    if num_layers < num_stages:
+        layers = "1 layer" if num_layers == 1 else f"{num_layers} layers"
+        fix = "use 1 stage" if num_layers == 1 else f"use at most {num_layers} stages"
+        raise ValueError(
+            f"{layers} cannot fill {num_stages} pipeline stages: every stage needs at least one "
+            f"layer; {fix}"
+        )
+    if plan is None:
+        return
+    empty = [stage for stage in range(plan.num_stages) if len(plan.layers_of(stage)) == 0]
+    if empty:
+        raise ValueError(
+            f"the partition {list(plan.boundaries)} leaves stage(s) {empty} without layers; every "
+            f"stage needs at least one layer: use fewer stages or other boundaries"
+        )
+
+
+@dataclass(frozen=True)
+class PipelineArguments:
+    """The checked inputs of a layout, before a measured partition ('profile') is known."""
+
+    layers: tuple[Layer, ...]
+    topology: ProcessTopology
+    method: PartitionMethod
+    stage_speeds: tuple[float, ...] | None
+    stage_memory_limits: tuple[float, ...] | None
+
+    @property
+    def needs_profile(self) -> bool:
+        """Whether the partition balances measured layer times, which must be measured first."""
+        return isinstance(self.method, Profile)
+
+    def fingerprint(self) -> ConstructionFingerprint:
+        """What ranks compare before the partition exists: the method instead of boundaries."""
+        return construction_fingerprint(self.layers, self.topology, repr(self.method))
+
+
+def check_pipeline_arguments(
+    layers: Iterable[Layer],
+    num_stages: int | None = None,
+    *,
+    topology: ProcessTopology | None = None,
+    world_size: int | None = None,
+    partition_method: str | PartitionMethod = "parameters",
+    stage_speeds: Sequence[float] | None = None,
+    stage_memory_limits: Sequence[float] | None = None,
+) -> PipelineArguments:
+    """Check everything :func:`plan_pipeline` takes except the measurements; see there."""
+    checked = check_layers(layers)
+    resolved = resolve_topology(num_stages, topology, world_size)
+    stages = resolved.get_dim("pipe")
+    require_layer_per_stage(len(checked), None, stages)
+    find_ties(checked)  # occurrences of a key that build different modules: refused now
+    return PipelineArguments(
+        layers=checked,
+        topology=resolved,
+        method=parse_method(partition_method),
+        stage_speeds=per_stage("stage_speeds", stage_speeds, stages),
+        stage_memory_limits=per_stage("stage_memory_limits", stage_memory_limits, stages),
+    )
+
+
+def plan_pipeline(
+    layers: Iterable[Layer],
+    num_stages: int | None = None,
+    *,
+    topology: ProcessTopology | None = None,
+    world_size: int | None = None,
+    partition_method: str | PartitionMethod = "parameters",
+    stage_speeds: Sequence[float] | None = None,
+    stage_memory_limits: Sequence[float] | None = None,
+    profile: Sequence[float] | None = None,
+    describe: bool = False,
+) -> PipelineLayout:
+    """Compute the layout of a pipeline over ``layers``, locally, without communication.
+
+    The arguments mean what they mean for ``PipelineModule``. Give ``num_stages`` (pipe x data
+    over ``world_size`` ranks; default ``world_size`` = ``num_stages``) or a ``topology``.
+    Layers are described on the meta device (no memory) only when the method ('parameters'),
+    a memory limit or ``describe=True`` needs their parameter counts; 'uniform' and 'type:REGEX'
+    layouts construct nothing. ``partition_method='profile'`` needs ``profile``: the measured
+    seconds of every layer (``PipelineModule`` measures them on ``profile_input``).
+
+    Example::
+
+        >>> from pipemodule import plan_pipeline
+        >>> from pipemodule.examples import gpt_layers
+        >>> layout = plan_pipeline(gpt_layers(vocab_size=1000, hidden=64, depth=6), num_stages=2)
+        >>> layout.layers_of(1), layout.ties["embed"].stages
+        (range(4, 9), (0, 1))
+
+    Raises:
+        TypeError: a layer, the topology or a number has the wrong type.
+        ValueError: a bad method, topology or per-stage list; fewer layers than stages or a
+            stage left empty; memory limits that no partition meets; tied occurrences that
+            build different modules.
+    """
+    arguments = check_pipeline_arguments(
+        layers,
+        num_stages,
+        topology=topology,
+        world_size=world_size,
+        partition_method=partition_method,
+        stage_speeds=stage_speeds,
+        stage_memory_limits=stage_memory_limits,
+    )
+    return layout_of(arguments, profile=profile, describe=describe)
+
+
+def layout_of(
+    arguments: PipelineArguments,
+    *,
+    profile: Sequence[float] | None = None,
+    describe: bool = False,
+) -> PipelineLayout:
+    """The layout of checked ``arguments``; ``profile``: measured seconds per layer."""
+    if arguments.needs_profile and profile is None:
+        raise ValueError(
+            "partition_method='profile' balances measured layer times: pass profile=[seconds of "
+            "each layer] (PipelineModule measures them on profile_input)"
+        )
+    layers, limits = arguments.layers, arguments.stage_memory_limits
+    infos = None
+    if describe or isinstance(arguments.method, Parameters) or limits is not None:
+        infos = describe_layers(layers)
+    stages = arguments.topology.get_dim("pipe")
+    plan = plan_partition(
+        arguments.method,
+        stages,
+        names=[layer_name(layer) for layer in layers],
+        parameters=None if infos is None else [info.trainable_params for info in infos],
+        profile=profile,
+        speeds=arguments.stage_speeds,
+        capacities=limits,
+        sizes=None if infos is None or limits is None else [info.param_bytes for info in infos],
+    )
+    require_layer_per_stage(len(layers), plan, stages)
+    return PipelineLayout(
+        layers=layers,
+        topology=arguments.topology,
+        method=arguments.method,
+        plan=plan,
+        ties=tie_groups(layers, plan, arguments.topology),
+        infos=infos,
+    )

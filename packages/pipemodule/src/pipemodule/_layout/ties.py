@@ -1,0 +1,102 @@
+"""Tied layers: which layers share a key, and which stages and ranks hold a copy of its module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from pipepartition import PartitionPlan
+from pipespec import Layer, TiedLayerSpec
+from pipetopo import ProcessTopology
+
+__all__ = ["TieGroup", "find_ties", "tie_groups"]
+
+
+@dataclass(frozen=True)
+class TieGroup:
+    """One tie key: the layers that use it, the stages that hold a copy, and its owner.
+
+    Every stage that runs a layer of the key builds the key's module once; the copies are kept
+    identical by broadcasting the owner's values at construction and by summing gradients over
+    the copies after each backward.
+
+    Attributes:
+        key: the tie key.
+        spec: the first occurrence; every occurrence builds the same module (checked).
+        layer_indices: global indices of the layers that use the key, ascending.
+        stages: the stages that hold a copy, ascending.
+        rank_sets: for every pipeline replica (each line of the topology's ``pipe`` axis, in
+            row-major order), the topology ranks of the stages holding a copy; the groups over
+            which copies talk. Empty when only one stage holds the key.
+    """
+
+    key: str
+    spec: TiedLayerSpec
+    layer_indices: tuple[int, ...]
+    stages: tuple[int, ...]
+    rank_sets: tuple[tuple[int, ...], ...]
+
+    @property
+    def first_layer(self) -> int:
+        """The layer under whose index the tied module's checkpoint file is written."""
+        return self.layer_indices[0]
+
+    @property
+    def owner_stage(self) -> int:
+        """The stage whose values the other copies take: the first stage holding a copy."""
+        return self.stages[0]
+
+    @property
+    def attrs(self) -> tuple[str, ...]:
+        """The attribute paths of the tied tensors (``tied_weight_attr``)."""
+        return self.spec.tied_weight_attr
+
+
+def find_ties(layers: Sequence[Layer]) -> dict[str, tuple[int, ...]]:
+    """The layer indices of every tie key, keys in sorted order.
+
+    Every occurrence of a key shares one module per stage, so all of them must describe the same
+    module: a different class, arguments or ``tied_weight_attr`` is an error (DeepSpeed silently
+    builds the first and ignores the rest). ``forward_fn`` may differ: that is how an embedding
+    is reused as the output projection.
+    """
+    occurrences: dict[str, list[tuple[int, TiedLayerSpec]]] = {}
+    for index, layer in enumerate(layers):
+        if isinstance(layer, TiedLayerSpec):
+            occurrences.setdefault(layer.key, []).append((index, layer))
+    ties: dict[str, tuple[int, ...]] = {}
+    for key in sorted(occurrences):
+        (first_index, first), *others = occurrences[key]
+        for index, other in others:
+            if not (
+                first.builds_same_module(other) and first.tied_weight_attr == other.tied_weight_attr
+            ):
+                raise ValueError(
+                    f"tie key {key!r} is used by layers {first_index} and {index} with different "
+                    f"modules: {first!r} vs {other!r}; every occurrence of a key shares one "
+                    f"module, so give them the same class, arguments and tied_weight_attr (use "
+                    f"forward_fn to use the module differently), or use different keys"
+                )
+        ties[key] = (first_index, *(index for index, _ in others))
+    return ties
+
+
+def tie_groups(
+    layers: Sequence[Layer], plan: PartitionPlan, topology: ProcessTopology
+) -> Mapping[str, TieGroup]:
+    """Every tie key of ``layers`` with its holders under ``plan``, in sorted key order."""
+    pipe_lines = topology.get_axis_comm_lists("pipe")
+    groups: dict[str, TieGroup] = {}
+    for key, indices in find_ties(layers).items():
+        spec = layers[indices[0]]
+        if not isinstance(spec, TiedLayerSpec):  # find_ties only indexes TiedLayerSpecs
+            raise TypeError(f"layer {indices[0]} of tie key {key!r} is not a TiedLayerSpec")
+        stages = tuple(sorted({plan.stage_of(index) for index in indices}))
+        rank_sets = (
+            tuple(tuple(line[stage] for stage in stages) for line in pipe_lines)
+            if len(stages) > 1
+            else ()
+        )
+        groups[key] = TieGroup(key, spec, indices, stages, rank_sets)
+    return MappingProxyType(groups)

@@ -1,0 +1,76 @@
+"""Running a stage's layers: the inner loop of every schedule, with optional checkpointing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipemodule._stage.build import ForwardFunc, TiedForward
+from pipemodule._stage.seeding import default_seed_fn
+
+if TYPE_CHECKING:
+    from pipemodule._module import PipelineModule
+
+__all__ = ["run_layers"]
+
+
+def run_layers(stage: PipelineModule, inputs: tuple[Any, ...], micro_offset: int) -> Any:
+    """``stage``'s layers applied to ``inputs``, checkpointed in chunks when it asks.
+
+    The stage's DeepSpeed attributes (``activation_checkpoint_interval``, ``seed_layers`` ...)
+    are read on every call, because DeepSpeed users change them between steps.
+    """
+    x: Any = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    if isinstance(x, tuple) and len(x) == 1:
+        x = x[0]
+    funcs = stage.forward_funcs
+    interval = stage.activation_checkpoint_interval
+    if interval == 0:
+        return _run_range(stage, 0, len(funcs), micro_offset)(x)
+    for start in range(0, len(funcs), interval):
+        stop = min(start + interval, len(funcs))
+        run = _run_range(stage, start, stop, micro_offset)
+        if _is_checkpointable(funcs[start:stop], stage.checkpointable_layers):
+            args = x if isinstance(x, tuple) else (x,)
+            x = stage.activation_checkpoint_func(_unpacking(run), *args)
+        else:
+            x = run(x)
+    return x
+
+
+def _run_range(
+    stage: PipelineModule, start: int, stop: int, micro_offset: int
+) -> Callable[[Any], Any]:
+    first_layer = stage.local_layer_indices.start
+
+    def run(x: Any) -> Any:
+        for local_index in range(start, stop):
+            # The global index, also inside checkpointed chunks: DeepSpeed uses the index
+            # within the chunk there, so every chunk reuses the same seeds.
+            stage.curr_layer = first_layer + local_index
+            if stage.seed_layers:
+                (stage.seed_fn or default_seed_fn)(
+                    stage.base_seed * micro_offset + stage.curr_layer
+                )
+            x = stage.forward_funcs[local_index](x)
+        return x
+
+    return run
+
+
+def _is_checkpointable(funcs: Sequence[ForwardFunc], classes: Sequence[str] | None) -> bool:
+    modules = [f.module if isinstance(f, TiedForward) else f for f in funcs]
+    if classes is not None:
+        return all(type(m).__name__ in classes for m in modules)
+    return any(
+        isinstance(m, torch.nn.Module) and next(m.parameters(), None) is not None for m in modules
+    )
+
+
+def _unpacking(run: Callable[[Any], Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        return run(args[0] if len(args) == 1 else args)
+
+    return call
