@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from pipemodule import (
     OPTIMIZER_STATES,
@@ -19,7 +17,7 @@ from pipemodule import (
 from pipemodule._cli.arguments import Target, UsageError
 from pipemodule._cli.factory import one_line
 from pipepartition import Parameters, PartitionMethod, Uniform
-from pipespec import Layer, TiedLayerSpec
+from pipespec import Layer
 
 __all__ = ["Report", "counted", "make_report", "to_json"]
 
@@ -59,24 +57,7 @@ class Report:
     @property
     def model_parameters(self) -> int:
         """Parameters of the whole model: each tie key and each module object once."""
-        seen: set[Hashable] = set()
-        total = 0
-        for layer, info in zip(self.layout.layers, self.layout.layer_infos(), strict=True):
-            # A spec builds a module per layer; a tie key, or one module object listed twice,
-            # is one module however many layers (and stages) use it.
-            identity: Hashable = (
-                ("tied", layer.key)
-                if isinstance(layer, TiedLayerSpec)
-                else ("module", id(layer))
-                if isinstance(layer, torch.nn.Module)
-                else None
-            )
-            if identity is not None:
-                if identity in seen:
-                    continue
-                seen.add(identity)
-            total += info.num_params
-        return total
+        return self.layout.parameter_count()
 
 
 def _layout(

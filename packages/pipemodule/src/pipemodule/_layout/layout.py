@@ -96,6 +96,14 @@ class PipelineLayout:
             )
         return dataclasses.replace(self, infos=infos, plan=plan)
 
+    def parameter_count(self, *, trainable_only: bool = False) -> int:
+        """Parameters of the whole model, each tie key and each module object counted once."""
+        infos = self.layer_infos()
+        return sum(
+            infos[index].trainable_params if trainable_only else infos[index].num_params
+            for index in unique_layers(self.layers)
+        )
+
     def fingerprint(self) -> ConstructionFingerprint:
         """What a rank builds from this layout, in a form ranks can exchange and compare."""
         return construction_fingerprint(self.layers, self.topology, repr(self.plan.boundaries))
