@@ -89,8 +89,8 @@ def per_stage(
         raise TypeError(f"{name}={values!r} is not a sequence; give one number per stage")
     checked = tuple(values)
     if len(checked) != num_stages:
+        entries = "1 entry" if len(checked) == 1 else f"{len(checked)} entries"
         raise ValueError(
-            f"{name} has {len(checked)} entries but there are {num_stages} stages; give one "
-            f"value per stage"
+            f"{name} has {entries} but there are {num_stages} stages; give one value per stage"
         )
     return checked
