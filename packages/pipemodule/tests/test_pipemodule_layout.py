@@ -76,7 +76,7 @@ def test_same_inputs_same_layout_and_fingerprint() -> None:
         (
             {"num_stages": 2, "stage_speeds": [1.0]},
             ValueError,
-            "stage_speeds has 1 entry but there are 2 stages",
+            "stage_speeds has 1 entry but",
         ),
         ({"num_stages": 2, "partition_method": "profile"}, ValueError, "profile="),
         ({"num_stages": 2, "partition_method": "bogus"}, ValueError, "uniform"),
