@@ -1,10 +1,11 @@
 """Launch scripts under ``torchrun`` from pytest: bounded, killable, and at most once per session.
 
 * `torchrun` runs ``python -m torch.distributed.run --standalone --nproc-per-node N script``
-  with ``OMP_NUM_THREADS=1`` and a timeout; on a timeout (or any interruption, e.g.
-  pytest-timeout) it kills the whole process group, so no worker outlives the test. Each
-  rank's stdout goes to its own file (``--redirects``) and comes back in rank order: ranks
-  writing to one shared pipe tear each other's lines.
+  through `pipetopo.testing.run_torchrun`, with ``OMP_NUM_THREADS=1`` and a timeout. On a
+  timeout (or any interruption, e.g. pytest-timeout) torchrun is stopped and every worker
+  still alive is killed with its process group, so no worker outlives the test. Each rank's
+  stdout goes to its own file (``--redirects``) and comes back in rank order: ranks writing to
+  one shared pipe tear each other's lines.
 * `LaunchCache` makes a launch happen once per pytest session even under pytest-xdist, where
   every worker process would otherwise run its own copy of a module-scoped fixture: the first
   worker to ask launches while holding a file lock, the others wait for it and read its result.
@@ -15,17 +16,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+
+from pipetopo.testing import run_torchrun
 
 __all__ = ["LaunchCache", "LaunchResult", "shared_session_dir", "torchrun"]
 
@@ -65,76 +63,19 @@ def torchrun(
     ``stdout`` of the result is every rank's stdout, whole, rank 0 first; ``stderr`` is
     torchrun's and the ranks' stderr as they wrote it.
     """
-    with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as log_dir:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "--log-dir",
-            log_dir,
-            "--redirects",
-            "1",  # stdout only: stderr stays live for tracebacks and timeouts
-            str(script),
-            *args,
-        ]
-        result = _launch(command, timeout=timeout, env=env, cwd=cwd)
-        return _with_rank_stdout(result, Path(log_dir), nproc)
-
-
-def _with_rank_stdout(result: LaunchResult, log_dir: Path, nproc: int) -> LaunchResult:
-    """``result`` with the ranks' stdout files, in rank order, after torchrun's own stdout."""
-    parts = [result.stdout]
-    for rank in range(nproc):
-        parts.extend(
-            path.read_text() for path in sorted(log_dir.glob(f"*/attempt_*/{rank}/stdout.log"))
-        )
-    return replace(result, stdout="".join(parts))
-
-
-def _launch(
-    command: list[str], *, timeout: float, env: dict[str, str] | None, cwd: Path | None
-) -> LaunchResult:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    start = time.monotonic()
-    # A new session makes torchrun the leader of a process group holding all its workers: a
-    # timeout kills the group, where killing torchrun alone would orphan workers stuck in a
-    # collective.
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        start_new_session=True,
+    # Unbuffered, so a rank's output up to a hang or a kill is in the report.
+    child_env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = run_torchrun(
+        script, nproc, args, timeout=timeout, per_rank_stdout=True, env=child_env, cwd=cwd
     )
-    timed_out = False
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(process)
-        stdout, stderr = process.communicate()
-    finally:
-        if process.poll() is None:  # interrupted (e.g. by pytest-timeout) before it ended
-            _kill_group(process)
-            process.wait()
     return LaunchResult(
-        command=command,
-        returncode=process.returncode,
-        stdout=stdout,
-        stderr=stderr,
-        seconds=round(time.monotonic() - start, 2),
-        timed_out=timed_out,
+        command=result.command,
+        returncode=result.returncode,
+        stdout=result.stdout + "".join(result.rank_stdout),
+        stderr=result.stderr,
+        seconds=result.seconds,
+        timed_out=result.timed_out,
     )
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    with suppress(ProcessLookupError):  # already gone
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def shared_session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:

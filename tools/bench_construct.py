@@ -20,8 +20,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +35,6 @@ TIME_TARGET = 1.1  # 'parameters' construction time / 'uniform' construction tim
 MEMORY_TARGET = 1.05  # peak RSS increase / local parameter bytes, on every rank
 _RESULT_TAG = "BENCH_CONSTRUCT_RESULT "
 _MIB = 1 << 20
-_STOP_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -154,32 +151,26 @@ def run_rank(method: str, vocab: int, hidden: int, depth: int) -> None:
 
 def launch(method: str, args: argparse.Namespace) -> list[RankResult]:
     """One fresh torchrun job of ``args.ranks`` processes building with ``method``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", str(args.ranks), __file__, "--worker", method]
-    command += ["--vocab", str(args.vocab), "--hidden", str(args.hidden)]
-    command += ["--layers", str(args.layers)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            # torchrun starts its workers in their own sessions, so they are not in its process
-            # group; on SIGTERM it stops them itself. SIGKILL only if it ignores that.
-            process.terminate()
-            try:
-                process.communicate(timeout=_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
-            raise RuntimeError(f"{method}: torchrun ran past {args.timeout:.0f} s") from None
+    # Imported here, not at the top: the workers run this file too, and import only what
+    # their measurement needs.
+    from pipetopo.testing import run_torchrun
+
+    worker = ["--worker", method, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
+    worker += ["--layers", str(args.layers)]
+    result = run_torchrun(
+        __file__, args.ranks, worker, timeout=args.timeout, env={"OMP_NUM_THREADS": "1"}
+    )
+    if result.timed_out:
+        raise RuntimeError(
+            f"{method}: torchrun ran past {args.timeout:.0f} s\n{result.stderr[-3000:]}"
+        )
+    stdout, stderr = result.stdout, result.stderr
     for line in stdout.splitlines():
         if line.startswith(_RESULT_TAG):
             rows = json.loads(line[len(_RESULT_TAG) :])
             return [RankResult(**row) for row in rows]
     raise RuntimeError(
-        f"{method}: torchrun exited with {process.returncode} and no result\n"
+        f"{method}: torchrun exited with {result.returncode} and no result\n"
         f"{stdout[-3000:]}\n{stderr[-3000:]}"
     )
 

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from pipemodule import (
 )
 from pipemodule.examples import tied_unembed
 from pipespec import Layer
+from pipetopo.testing import run_torchrun
 
 # -- the data: sentences from a small grammar, so the demo needs no download -------------------
 
@@ -409,22 +409,15 @@ def launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print("demo: error: --device cuda needs CUDA GPUs; none are visible", file=sys.stderr)
             return 2
         nproc = min(nproc, torch.cuda.device_count())
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        __file__,
-        *argv,
-    ]
     try:
-        return subprocess.run(command, env=env, timeout=args.timeout, check=False).returncode
-    except subprocess.TimeoutExpired:
+        # Not captured: the ranks print the demo's progress straight to this terminal.
+        result = run_torchrun(__file__, nproc, argv, timeout=args.timeout, capture=False)
+    except KeyboardInterrupt:  # the launcher has stopped the job
+        return 130
+    if result.timed_out:
         print(f"demo: error: torchrun did not finish within {args.timeout} s", file=sys.stderr)
         return 1
+    return result.returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Run multi-rank code in tests: real ranks as local processes, or one rank of a simulated world.
 
-A public submodule, like ``torch.testing``; ``torch.distributed`` is imported only inside the
-functions.
+A public submodule, like ``torch.testing``. Importing it imports ``torch.distributed`` (as
+importing ``pipetopo`` does).
 
 * `spawn_ranks` starts ``world_size`` processes joined by a real process group (gloo by default),
   runs a function on each and returns what every rank returned. It never hangs: a failure in
@@ -11,6 +11,8 @@ functions.
   process group: groups are created, nothing is sent), for scale tests and benchmarks.
 * `world_of_one` makes the current process a real job of one rank, for single-rank tests of
   code that calls collectives.
+* `run_torchrun` runs a script under ``torchrun`` with a timeout, and leaves no worker behind
+  whether the job ends, fails or hangs; `torchrun_command` is its command line.
 """
 
 from __future__ import annotations
@@ -26,12 +28,33 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+import torch.distributed as dist
+
+# Public classes of torch.distributed; torch imports the stores there without ``as``, which
+# mypy --strict does not count as a re-export.
+from torch.distributed import (  # type: ignore[attr-defined]
+    HashStore,
+    ProcessGroup,
+    Store,
+    TCPStore,
+)
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from pipetopo._torchrun import TorchrunResult, run_torchrun, torchrun_command
+
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-    from torch.distributed import ProcessGroup
-
-__all__ = ["RankFailedError", "fake_world", "spawn_ranks", "world_of_one"]
+__all__ = [
+    "RankFailedError",
+    "TorchrunResult",
+    "fake_world",
+    "run_torchrun",
+    "spawn_ranks",
+    "torchrun_command",
+    "world_of_one",
+]
 
 T = TypeVar("T")
 
@@ -40,6 +63,9 @@ _HOST = "127.0.0.1"
 # in a collective with the failed rank usually errors out quickly) before they are killed.
 _FAILURE_GRACE_S = 5.0
 _STOP_GRACE_S = 3.0
+# fake_world and world_of_one have no peer to wait for, but code under test that blocks anyway
+# should fail within minutes, not after torch's default of 30.
+_GROUP_TIMEOUT = timedelta(minutes=5)
 
 
 class RankFailedError(RuntimeError):
@@ -101,8 +127,6 @@ def spawn_ranks(
             f"spawn_ranks() cannot send {fn!r} and its arguments to the rank processes ({error}); "
             "pass a module-level function and picklable arguments."
         ) from error
-
-    from torch._C._distributed_c10d import TCPStore
 
     store = TCPStore(_HOST, 0, is_master=True, wait_for_workers=False)
     context = multiprocessing.get_context("forkserver")
@@ -206,12 +230,10 @@ def _run_rank(
     sender: Connection,
 ) -> None:
     """The body of one rank process."""
+    # torch is already imported here, so the variable no longer sizes its thread pool
+    # (set_num_threads does); it is for fn and for any process fn starts.
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        import torch
-        import torch.distributed as dist
-        from torch._C._distributed_c10d import TCPStore
-
         torch.set_num_threads(1)
         if "nccl" in backend and torch.cuda.is_available():
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -258,26 +280,12 @@ def fake_world(world_size: int, rank: int) -> Iterator[ProcessGroup]:
         RuntimeError: a default process group already exists.
         ValueError: ``world_size`` is not positive or ``rank`` is outside ``[0, world_size)``.
     """
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}.")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}.")
-    if dist.is_initialized():
-        raise RuntimeError(
-            "fake_world() needs a process without a default process group; call "
-            "torch.distributed.destroy_process_group() first."
-        )
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-    try:
-        world = dist.group.WORLD
-        if world is None:  # pragma: no cover - init_process_group just set it
-            raise RuntimeError("the fake process group was not registered as the default group.")
+    with _default_group("fake_world", "fake", FakeStore(), rank, world_size) as world:
         yield world
-    finally:
-        dist.destroy_process_group()
 
 
 @contextmanager
@@ -291,19 +299,27 @@ def world_of_one(backend: str = "gloo") -> Iterator[ProcessGroup]:
     Raises:
         RuntimeError: a default process group already exists.
     """
-    import torch.distributed as dist
-    from torch._C._distributed_c10d import HashStore
+    with _default_group("world_of_one", backend, HashStore(), 0, 1) as world:
+        yield world
 
+
+@contextmanager
+def _default_group(
+    caller: str, backend: str, store: Store, rank: int, world_size: int
+) -> Iterator[ProcessGroup]:
+    """The default process group for the block, destroyed on exit whatever happens."""
     if dist.is_initialized():
         raise RuntimeError(
-            "world_of_one() needs a process without a default process group; call "
+            f"{caller}() needs a process without a default process group; call "
             "torch.distributed.destroy_process_group() first."
         )
-    dist.init_process_group(backend, store=HashStore(), rank=0, world_size=1)
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=_GROUP_TIMEOUT
+    )
     try:
         world = dist.group.WORLD
         if world is None:  # pragma: no cover - init_process_group just set it
-            raise RuntimeError("the process group was not registered as the default group.")
+            raise RuntimeError(f"the {backend} process group was not registered as the default.")
         yield world
     finally:
         dist.destroy_process_group()
