@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +15,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from pipemodule._checks import positive_int
 from pipemodule._module import PipelineModule
+from pipemodule._resume import load_checkpoint, save_checkpoint
 
 __all__ = [
     "SCHEDULES",
@@ -158,6 +161,7 @@ class PipelineTrainer:
         schedule: str = "1f1b",
         max_grad_norm: float | None = None,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(
@@ -168,7 +172,18 @@ class PipelineTrainer:
         self.n_microbatches = n_microbatches
         self.max_grad_norm = max_grad_norm
         self.schedule = build_schedule(module, n_microbatches, schedule, loss_fn)
+        self.lr_scheduler = lr_scheduler
         self.last_grad_norm: float | None = None
+        self.step_count = 0
+        """Optimizer steps taken (restored by :meth:`load_checkpoint`)."""
+
+    def save_checkpoint(self, path: str | os.PathLike[str], **extra_state: Any) -> Path:
+        """Save the full training state to ``path``; see :func:`pipemodule.save_checkpoint`."""
+        return save_checkpoint(self, path, **extra_state)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore the state :meth:`save_checkpoint` wrote; returns the user's extra state."""
+        return load_checkpoint(self, path)
 
     def _check_batch(self, name: str, batch: Any) -> None:
         if isinstance(batch, torch.Tensor) and batch.shape[0] % self.n_microbatches != 0:
@@ -201,6 +216,9 @@ class PipelineTrainer:
         if self.max_grad_norm is not None:
             self.last_grad_norm = clip_grad_norm_(self.module, self.max_grad_norm)
         self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.step_count += 1
         return self._mean_loss(losses)
 
     def evaluate(self, inputs: Any = None, labels: Any = None) -> float:
