@@ -325,6 +325,7 @@ def test_package_exports() -> None:
         "PipelineParallelGrid",
         "ProcessCoord",
         "ProcessTopology",
+        "WrongTypeError",
         "__version__",
         "default_if_none",
         "default_topology",
@@ -431,4 +432,6 @@ def test_wrongly_typed_axes_and_dims_are_also_value_errors(
     # The issue and DeepSpeed users expect ValueError for a bad dim; it stays a TypeError too.
     with pytest.raises(ValueError, match=re.escape(named)) as caught:
         ProcessTopology(axes, dims)
+    # One public name catches every wrongly typed argument, whichever base a caller prefers.
+    assert isinstance(caught.value, pipetopo.WrongTypeError)
     assert isinstance(caught.value, TypeError)

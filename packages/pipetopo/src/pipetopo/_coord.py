@@ -8,6 +8,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
+from pipetopo._checks import WrongTypeError
+
 
 class ProcessCoord(tuple[int, ...]):
     """The position of one rank in a `ProcessTopology`: one integer per named axis.
@@ -178,22 +180,17 @@ _CLASSES: dict[tuple[str, ...], type[ProcessCoord]] = {}
 _CLASSES_LOCK = threading.Lock()
 
 
-class BadTypeError(TypeError, ValueError):
-    """A value of the wrong type: a ``TypeError``, and also the ``ValueError`` (bad value)
-    that DeepSpeed users and the topology's documentation lead callers to catch."""
-
-
 def check_axis_names(names: tuple[str, ...]) -> None:
     """Raise unless every name can be a coordinate attribute: a unique, unreserved identifier.
 
     Raises:
-        BadTypeError: a name is not a str.
+        WrongTypeError: a name is not a str.
         ValueError: a name is not an identifier, starts with ``_``, is reserved (see
             `reserved_axis_names`), or repeats.
     """
     for name in names:
         if not isinstance(name, str):
-            raise BadTypeError(f"axis names must be str, got {name!r} in axes={list(names)!r}.")
+            raise WrongTypeError(f"axis names must be str, got {name!r} in axes={list(names)!r}.")
         if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
             raise ValueError(
                 f"axis name {name!r} in axes={list(names)!r} is not usable as an attribute; "

@@ -22,6 +22,13 @@ exception") in about one exit of four, after a script that did everything right.
 outlive a training script (grids, pipeline modules, tie groups, pipeline stages) therefore keep
 None in its place, which every torch.distributed call reads as the default group, and look the
 group up when they use it.
+
+The grid applies the rule in one place, so its users need not: `GroupCache` stores every group
+in that kept form, and the grid's core accessors for groups that code will keep
+(``axis_group``, ``replica_group``, ``group_of``) hand the kept form out unchanged, torch's own
+convention (``group=None`` is the default group). Only the DeepSpeed and Megatron spellings,
+`group_for`, ``process_group`` and ``to_device_mesh``, whose callers expect a real
+``ProcessGroup``, turn it back with `default_if_none` at the moment they are read.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from pipetopo._checks import WrongTypeError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +70,76 @@ def default_if_none(group: ProcessGroup | None) -> ProcessGroup:
     return world
 
 
+def grid_process_group(
+    process_group: ProcessGroup | None,
+) -> tuple[ProcessGroup, int, int, tuple[int, ...] | None]:
+    """The group a grid lives in, checked: ``(group, rank in it, size, global ranks)``.
+
+    The global ranks are those of each group rank, or None when they are equal (the group is
+    the default group, or spans it in order). Nothing here communicates.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised, this rank is not in the group, or
+            this torch cannot create groups inside a sub-group of a device-bound default group.
+        WrongTypeError: ``process_group`` is neither a ProcessGroup nor None.
+        ValueError: the group lists its global ranks out of order.
+    """
+    given: object = process_group
+    if given is not None and not isinstance(given, ProcessGroup):
+        if given == dist.GroupMember.NON_GROUP_MEMBER:
+            raise RuntimeError(
+                f"global rank {dist.get_rank()} is not a member of process_group (new_group "
+                "returned its non-member marker here); construct the grid only on the ranks "
+                "of process_group."
+            )
+        raise WrongTypeError(
+            f"process_group must be a torch.distributed.ProcessGroup or None, got {given!r}; "
+            "pass a group from torch.distributed.new_group, or None for the whole job."
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "PipelineParallelGrid needs an initialised torch.distributed; call "
+            "torch.distributed.init_process_group(...) on every rank first."
+        )
+    group = dist.group.WORLD if process_group is None else process_group
+    if not isinstance(group, ProcessGroup):
+        raise RuntimeError(
+            "torch.distributed has no default process group; call "
+            "torch.distributed.init_process_group(...) before building a grid."
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError(
+            f"global rank {dist.get_rank()} is not a member of process_group (global ranks "
+            f"{dist.get_process_group_ranks(group)}); construct the grid only on its ranks."
+        )
+    size = dist.get_world_size(group)
+    if size != dist.get_world_size() and default_group_bound_to_device() and not uses_split_group():
+        raise RuntimeError(
+            "this torch cannot create groups inside a sub-group when the default group is "
+            "bound to a device (init_process_group(device_id=...)): members would block "
+            "splitting the default group's communicator. Build the grid on the default "
+            "group, or initialise without device_id."
+        )
+    return group, rank, size, _global_ranks_of(group, size)
+
+
+def _global_ranks_of(group: ProcessGroup, size: int) -> tuple[int, ...] | None:
+    """Global rank of each group rank; None when they are equal (the default group)."""
+    if group is dist.group.WORLD:
+        return None
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks == tuple(range(size)):
+        return None
+    if list(ranks) != sorted(ranks):
+        raise ValueError(
+            f"process_group lists its global ranks out of order ({list(ranks)}); the "
+            "groups of a grid order ranks by global rank, so create process_group with "
+            "sorted ranks (torch.distributed.new_group's default)."
+        )
+    return ranks
+
+
 def uses_split_group() -> bool:
     """Whether groups are carved with ``split_group`` (eagerly initialised NCCL-like backends).
 
@@ -72,7 +151,9 @@ def uses_split_group() -> bool:
 
 
 class GroupCache:
-    """The groups of one grid, keyed by their sorted topology ranks.
+    """The groups of one grid, keyed by their sorted topology ranks, in their kept form.
+
+    Kept form: None stands for the default group ([Note: the default group is never kept]).
 
     Args:
         process_group: the group the grid lives in.
@@ -89,11 +170,13 @@ class GroupCache:
         rank: int,
         world_size: int,
     ) -> None:
-        self._process_group = none_if_default(process_group)
+        self.process_group = none_if_default(process_group)
+        """The grid's group, kept: None for the default group."""
         self._global_ranks = global_ranks
         self._rank = rank
         self._world_size = world_size
         self._split = uses_split_group()
+        # None marks a set created by every rank that this rank is not a member of.
         self._groups: dict[tuple[int, ...], ProcessGroup | None] = {}
         self.collective_calls = 0
         """Group-creating calls this rank made that every rank of the grid made too."""
@@ -103,13 +186,18 @@ class GroupCache:
     def to_global(self, rank: int) -> int:
         return rank if self._global_ranks is None else self._global_ranks[rank]
 
-    def get(self, ranks: tuple[int, ...]) -> ProcessGroup | None:
-        """The group of an already created rank set (None where this rank is not a member)."""
+    def kept(self, ranks: tuple[int, ...]) -> ProcessGroup | None:
+        """The kept form of the group of ``ranks``, a created set that has this rank as member.
+
+        Raises:
+            LookupError: the set was never created, or this rank is not in it.
+        """
         if len(ranks) == self._world_size:
-            return default_if_none(self._process_group)
-        if len(ranks) == 1 and not self._split:
-            return self._groups.get(ranks) if ranks[0] == self._rank else None
-        return self._groups[ranks]
+            return self.process_group
+        group = self._groups.get(ranks)
+        if group is None:
+            raise LookupError(f"no group of topology ranks {list(ranks)} on rank {self._rank}")
+        return group
 
     def create(self, rank_sets: Sequence[tuple[int, ...]]) -> None:
         """Create the groups of ``rank_sets`` (sorted, deduplicated) that do not exist yet.
@@ -154,7 +242,7 @@ class GroupCache:
         logger.debug("splitting %d process groups from the grid's group", len(pending))
         # split_group takes ranks of the parent group, which are exactly topology ranks.
         group = dist.split_group(
-            parent_pg=default_if_none(self._process_group),
+            parent_pg=default_if_none(self.process_group),
             split_ranks=[list(ranks) for ranks in pending],
         )
         self.collective_calls += 1

@@ -8,32 +8,20 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipetopo._coord import BadTypeError, check_axis_names, coord_class
+from pipetopo._checks import WrongTypeError, as_int
 from pipetopo._coord import ProcessCoord as _Coord
+from pipetopo._coord import check_axis_names, coord_class
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 
-def _as_int(value: object, what: str) -> int:
-    """`value` as an int (numpy integers included); bool and floats are type errors."""
-    if isinstance(value, bool):
-        raise BadTypeError(f"{what} must be an int, got the bool {value!r}; pass an int.")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise BadTypeError(
-            f"{what} must be an int, got {value!r} of type {type(value).__name__}; pass an int."
-        ) from None
-
-
 def _check_axes(axes: Sequence[str]) -> tuple[str, ...]:
     if isinstance(axes, str) or not isinstance(axes, Iterable):
-        raise BadTypeError(
+        raise WrongTypeError(
             f"axes must be a sequence of axis names such as ['pipe', 'data'], got {axes!r}."
         )
     names = tuple(axes)
@@ -45,8 +33,8 @@ def _check_axes(axes: Sequence[str]) -> tuple[str, ...]:
 
 def _check_dims(dims: Sequence[int], axes: tuple[str, ...]) -> tuple[int, ...]:
     if not isinstance(dims, Iterable):
-        raise BadTypeError(f"dims must be a sequence of ints such as [2, 4], got {dims!r}.")
-    sizes = tuple(_as_int(d, f"dims entry {d!r}") for d in dims)
+        raise WrongTypeError(f"dims must be a sequence of ints such as [2, 4], got {dims!r}.")
+    sizes = tuple(as_int(d, f"dims entry {d!r}") for d in dims)
     if len(sizes) != len(axes):
         raise ValueError(
             f"axes and dims must have the same length, got {len(axes)} axes {list(axes)!r} and "
@@ -77,8 +65,8 @@ class ProcessTopology:
     [[0, 4], [1, 5], [2, 6], [3, 7]]
 
     Raises:
-        TypeError: ``axes`` is not a sequence of str or a dim is not an int (the exception is
-            also a ``ValueError``, the bad value it is).
+        WrongTypeError: ``axes`` is not a sequence of str or a dim is not an int (a
+            ``TypeError`` that is also a ``ValueError``, see `pipetopo.WrongTypeError`).
         ValueError: an axis name is not a unique identifier, a dim is not positive, or the
             lengths differ.
     """
@@ -179,7 +167,7 @@ class ProcessTopology:
         Raises:
             ValueError: ``rank`` is outside ``[0, world_size())``.
         """
-        remainder = self._check_rank(rank)
+        remainder = checked_rank(self, rank)
         values = []
         for stride in self._strides:
             value, remainder = divmod(remainder, stride)
@@ -290,7 +278,7 @@ class ProcessTopology:
             )
 
     def _check_value(self, axis: str, value: int, size: int) -> int:
-        index = _as_int(value, f"coordinate {axis}")
+        index = as_int(value, f"coordinate {axis}")
         if not 0 <= index < size:
             raise ValueError(
                 f"coordinate {axis}={index} is out of range for {self!r}; "
@@ -298,13 +286,21 @@ class ProcessTopology:
             )
         return index
 
-    def _check_rank(self, rank: int) -> int:
-        index = _as_int(rank, "rank")
-        if not 0 <= index < self._world_size:
-            raise ValueError(
-                f"rank {index} is out of range for {self!r}; ranks are in [0, {self._world_size})."
-            )
-        return index
+
+def checked_rank(topology: ProcessTopology, rank: object) -> int:
+    """``rank`` as an int in ``[0, topology.world_size())``, or the error saying why not.
+
+    Raises:
+        WrongTypeError: ``rank`` is not an int.
+        ValueError: ``rank`` is outside the topology.
+    """
+    index = as_int(rank, "rank")
+    size = topology.world_size()
+    if not 0 <= index < size:
+        raise ValueError(
+            f"rank {index} is out of range for {topology!r}; ranks are in [0, {size})."
+        )
+    return index
 
 
 class PipeDataParallelTopology(ProcessTopology):
@@ -376,10 +372,10 @@ def default_topology(world_size: int) -> ProcessTopology:
     pipe ``world_size`` x data 1.
 
     Raises:
-        TypeError: ``world_size`` is not an int.
+        WrongTypeError: ``world_size`` is not an int.
         ValueError: ``world_size`` is not positive.
     """
-    size = _as_int(world_size, "world_size")
+    size = as_int(world_size, "world_size")
     if size <= 0:
         raise ValueError(f"world_size must be a positive int, got {size}; pass the job's size.")
     num_pp = num_dp = 1
@@ -389,3 +385,25 @@ def default_topology(world_size: int) -> ProcessTopology:
         else:
             num_dp *= prime
     return PipeDataParallelTopology(num_pp=num_pp, num_dp=num_dp)
+
+
+def grid_topology(topology: ProcessTopology | None, size: int) -> ProcessTopology:
+    """The topology of a grid over a group of ``size`` ranks: ``topology``, or the default split.
+
+    Raises:
+        ValueError: the topology's size is not ``size``, or it lacks a ``pipe`` or ``data`` axis.
+    """
+    topo = default_topology(size) if topology is None else topology
+    if topo.world_size() != size:
+        raise ValueError(
+            f"{topo!r} has {topo.world_size()} ranks but the process group has {size}; "
+            f"use a topology whose dims multiply to {size}, or a process group of "
+            f"{topo.world_size()} ranks."
+        )
+    missing = [axis for axis in ("pipe", "data") if axis not in topo.axes]
+    if missing:
+        raise ValueError(
+            f"a grid needs 'pipe' and 'data' axes, but {topo!r} lacks {missing}; add them "
+            "with size 1, e.g. PipeDataParallelTopology(num_pp, num_dp)."
+        )
+    return topo
