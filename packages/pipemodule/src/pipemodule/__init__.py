@@ -16,18 +16,13 @@ from pipemodule._layout import (
     plan_pipeline,
 )
 from pipemodule._module import PipelineModule
+from pipemodule._schedules import SCHEDULES, build_schedule, pipeline_stage, pipeline_stages
 from pipemodule._stage.activation_checkpoint import activation_checkpoint
 from pipemodule._stage.build import TiedForward
 from pipemodule._stage.collective import PipelineRankError
 from pipemodule._stage.seeding import default_seed_fn
-from pipemodule._training import (
-    SCHEDULES,
-    PipelineTrainer,
-    average_data_parallel_gradients,
-    build_schedule,
-    clip_grad_norm_,
-    pipeline_stage,
-)
+from pipemodule._stage.stage_module import StageModule
+from pipemodule._training import PipelineTrainer, average_data_parallel_gradients, clip_grad_norm_
 from pipespec import LayerSpec, TiedLayerSpec
 from pipetopo import (
     PipeDataParallelTopology,
@@ -49,6 +44,7 @@ __all__ = [
     "PipelineTrainer",
     "ProcessTopology",
     "StageMemory",
+    "StageModule",
     "TieGroup",
     "TiedForward",
     "TiedLayerSpec",
@@ -61,5 +57,6 @@ __all__ = [
     "default_seed_fn",
     "estimate_stage_memory",
     "pipeline_stage",
+    "pipeline_stages",
     "plan_pipeline",
 ]

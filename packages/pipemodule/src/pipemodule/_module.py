@@ -14,19 +14,21 @@ from pipemodule._layout import PipelineLayout, check_pipeline_arguments, layout_
 from pipemodule._stage.activation_checkpoint import CheckpointFn, activation_checkpoint
 from pipemodule._stage.agreement import agree_on_construction
 from pipemodule._stage.build import ForwardFunc, LayerBuilder
-from pipemodule._stage.checkpoint import (
-    layer_file,
-    load_layer_files,
-    save_layer_files,
-    stage_files,
-)
+from pipemodule._stage.checkpoint import layer_file, stage_files
 from pipemodule._stage.collective import run_on_every_rank
 from pipemodule._stage.device import resolve_device
 from pipemodule._stage.forward import run_layers
+from pipemodule._stage.layer_checkpoint import load_layer_checkpoint, save_layer_checkpoint
 from pipemodule._stage.options import StageOptions, check_checkpoint_interval, require_initialised
 from pipemodule._stage.profile import measure_on_first_rank
 from pipemodule._stage.seeding import SeedFn, Seeding
-from pipemodule._stage.tie_links import TieLink, link_ties
+from pipemodule._stage.stage_module import StageModule
+from pipemodule._stage.tie_links import (
+    TieLink,
+    is_tied_copy,
+    link_ties,
+    tied_weights_and_groups,
+)
 from pipepartition import PartitionMethod, PartitionPlan
 from pipespec import Layer
 from pipetopo import PipelineParallelGrid, ProcessTopology
@@ -111,6 +113,8 @@ class PipelineModule(torch.nn.Module):
         stage_speeds: Sequence[float] | None = None,
         stage_memory_limits: Sequence[float] | None = None,
         profile_input: Any = None,
+        stages_per_rank: int = 1,
+        stage_placement: str = "loop",
     ) -> None:
         super().__init__()
         # 1. Check every argument locally: an error found after a collective would be a hang.
@@ -132,6 +136,8 @@ class PipelineModule(torch.nn.Module):
             partition_method=partition_method,
             stage_speeds=stage_speeds,
             stage_memory_limits=stage_memory_limits,
+            stages_per_rank=stages_per_rank,
+            stage_placement=stage_placement,
         )
         _refuse_nested_pipelines(arguments.layers)
         if arguments.needs_profile and profile_input is None:
@@ -157,22 +163,24 @@ class PipelineModule(torch.nn.Module):
         self._layout = layout
         self._options = options
         self._seeding = seeding
-        stage = self._grid.stage_id
+        pipe_rank = self._grid.stage_id
+        stage_ids = layout.stages_of(pipe_rank)
         if self._grid.topology_rank == 0 and logger.isEnabledFor(logging.INFO):
             logger.info("pipeline partition (%s):\n%s", layout.plan.method, layout.table())
 
-        # 5. Build the local layers, directly on the device.
+        # 5. Build the local layers, directly on the device; a rank's stages share tied modules.
         builder = LayerBuilder(
             layout.layers, {key: tie.first_layer for key, tie in layout.ties.items()}, seeding
         )
+        tied: dict[str, torch.nn.Module] = {}
         built = run_on_every_rank(
-            f"building stage {stage}",
-            lambda: builder.build_stage(layout.layers_of(stage)),
+            f"building stage(s) {list(stage_ids)}",
+            lambda: [builder.build_stage(layout.layers_of(stage), tied) for stage in stage_ids],
             self._grid.process_group,
         )
 
         # DeepSpeed's public attributes, kept for compatibility; the working state is above.
-        self.num_stages = layout.num_stages
+        self.num_stages = layout.placement.pipe_ranks
         self.loss_fn = loss_fn
         self.seed_layers = seed_layers
         self.seed_fn = seed_fn
@@ -187,25 +195,35 @@ class PipelineModule(torch.nn.Module):
         self.device = resolved_device
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size(process_group)
-        self.stage_id = stage
+        self.stage_id = pipe_rank
         self.plan: PartitionPlan = layout.plan
         self.parts: list[int] = list(layout.plan.boundaries)
         self.micro_offset = 0
         self.curr_layer = -1
-        self.forward_funcs: list[ForwardFunc] = built.forward_funcs
+        self.forward_funcs: list[ForwardFunc] = [f for stage in built for f in stage.forward_funcs]
         self.fwd_map: dict[str, int] = {}
-        self.tied_modules = torch.nn.ModuleDict(built.tied_modules)
-        self.tied_weight_attrs = {key: layout.ties[key].attrs for key in built.tied_modules}
-        for index, module in built.modules.items():
-            self.fwd_map[str(index)] = self._local_index(index)
-            self.add_module(str(index), module)
+        self.tied_modules = torch.nn.ModuleDict(tied)
+        self.tied_weight_attrs = {key: layout.ties[key].attrs for key in tied}
+        local_layers = [index for stage in stage_ids for index in layout.layers_of(stage)]
+        for stage in built:
+            for index, module in stage.modules.items():
+                self.fwd_map[str(index)] = local_layers.index(index)
+                self.add_module(str(index), module)
+        # Not submodules (a tuple is not registered): the same modules under the same names.
+        self.stages: tuple[torch.nn.Module, ...] = (
+            (self,)
+            if len(stage_ids) == 1
+            else tuple(
+                StageModule(self, stage, layout.layers_of(stage), stage_built)
+                for stage, stage_built in zip(stage_ids, built, strict=True)
+            )
+        )
+        self._stage_ids = stage_ids
+        self._built = built
 
         # 6. Link the tied copies and start them equal.
-        self.tied_comms: dict[str, TieLink] = link_ties(layout, self._grid, built.tied_modules)
+        self.tied_comms: dict[str, TieLink] = link_ties(layout, self._grid, tied)
         self._synchronize_tied_weights()
-
-    def _local_index(self, layer_index: int) -> int:
-        return layer_index - self._layout.layers_of(self.stage_id).start
 
     def _synchronize_tied_weights(self) -> None:
         for link in self.tied_comms.values():
@@ -224,9 +242,26 @@ class PipelineModule(torch.nn.Module):
         return self._grid
 
     @property
-    def local_layer_indices(self) -> range:
-        """Global indices of the layers this stage runs."""
-        return self._layout.layers_of(self.stage_id)
+    def stage_ids(self) -> tuple[int, ...]:
+        """The stages this rank holds, in order: ``(stage_id,)`` with one stage per rank."""
+        return self._stage_ids
+
+    @property
+    def holds_first_stage(self) -> bool:
+        """Whether this rank holds stage 0, which takes the inputs."""
+        return 0 in self._stage_ids
+
+    @property
+    def holds_last_stage(self) -> bool:
+        """Whether this rank holds the last stage, which computes the loss."""
+        return self._layout.num_stages - 1 in self._stage_ids
+
+    @property
+    def local_layer_indices(self) -> Sequence[int]:
+        """Global indices of the layers this rank runs (a ``range`` with one stage per rank)."""
+        if len(self._stage_ids) == 1:
+            return self._layout.layers_of(self._stage_ids[0])
+        return tuple(i for stage in self._stage_ids for i in self._layout.layers_of(stage))
 
     # ------------------------------------------------------------------ DeepSpeed accessors
 
@@ -235,7 +270,7 @@ class PipelineModule(torch.nn.Module):
         return self.parts
 
     def stage_owner(self, layer_idx: int) -> int:
-        """The stage that holds global layer ``layer_idx``."""
+        """The stage that holds global layer ``layer_idx`` (see ``layout.pipe_rank_of``)."""
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
             raise TypeError(f"layer_idx={layer_idx!r} is not an int; pass a global layer index")
         num_layers = self._layout.num_layers
@@ -274,14 +309,7 @@ class PipelineModule(torch.nn.Module):
 
     def get_tied_weights_and_groups(self) -> list[tuple[torch.Tensor, dist.ProcessGroup]]:
         """``(tensor, group)`` for each tied tensor this stage holds, as DeepSpeed returns."""
-        pairs = []
-        for link in self.tied_comms.values():
-            # Created at construction, so this is a cache look-up on this rank alone.
-            group = self._grid.group_for(link.topology_ranks)
-            if group is None:
-                raise RuntimeError(f"rank {self.global_rank} lost the group of tie {link.key!r}")
-            pairs += [(tensor, group) for tensor in link.tensors()]
-        return pairs
+        return tied_weights_and_groups(self.tied_comms.values(), self._grid)
 
     def is_tied_copy(self, parameter: torch.Tensor) -> bool:
         """Whether ``parameter`` is a tied tensor whose owner is another stage.
@@ -289,10 +317,7 @@ class PipelineModule(torch.nn.Module):
         Summing a quantity over all stages (a parameter count, a gradient norm) counts each tied
         tensor once by skipping these copies.
         """
-        return any(
-            link.owner != self.global_rank and any(parameter is t for t in link.tensors())
-            for link in self.tied_comms.values()
-        )
+        return is_tied_copy(self.tied_comms.values(), parameter, self.global_rank)
 
     # ------------------------------------------------------------------ forward
 
@@ -306,23 +331,40 @@ class PipelineModule(torch.nn.Module):
         One argument is passed to the first layer as is (a 1-tuple is unwrapped); several
         arguments, as a schedule passes a previous stage's tuple output, are passed as a tuple.
         """
+        if len(self._stage_ids) > 1:
+            raise RuntimeError(
+                f"this rank holds stages {list(self._stage_ids)}; run one of them: "
+                f"model.stages[i](...) (a schedule does so through pipeline_stages(model))"
+            )
         self.micro_offset += 1
-        return run_layers(self, inputs, self.micro_offset)
+        first = self._layout.layers_of(self._stage_ids[0]).start
+        return run_layers(self, self.forward_funcs, first, inputs)
 
     # ------------------------------------------------------------------ checkpoints
 
     def ckpt_layer_path(self, ckpt_dir: str | Path, local_layer_idx: int) -> str:
         """The file of local layer ``local_layer_idx`` in ``ckpt_dir`` (DeepSpeed's naming)."""
-        index = self.local_layer_indices.start + local_layer_idx
-        return str(layer_file(ckpt_dir, index, self._rank_repr()))
+        index = self.local_layer_indices[local_layer_idx]
+        return str(layer_file(ckpt_dir, index, self.layer_file_suffix()))
 
-    def _rank_repr(self) -> str:
+    def layer_file_suffix(self) -> str:
+        """This rank's part of a layer file's name: ``model_YY`` with a model axis, else ``''``."""
         return self._layout.topology.get_rank_repr(self._grid.topology_rank)
 
-    def _files(self, *, owned_only: bool) -> list[tuple[int, torch.nn.Module]]:
-        modules = {int(name): self.get_submodule(name) for name in self.fwd_map}
-        tied = {key: self.tied_modules[key] for key in self.tied_modules}
-        return stage_files(self._layout, self.stage_id, modules, tied, owned_only=owned_only)
+    def layer_modules(self, *, owned_only: bool) -> list[tuple[int, torch.nn.Module]]:
+        """``(global layer index, module)`` of each layer file this rank writes or reads.
+
+        Every layer module, and each tie key under its first layer; with ``owned_only``, only
+        the ties whose owner stage is on this rank (each tie is written once).
+        """
+        files: dict[int, torch.nn.Module] = {}
+        for stage, built in zip(self._stage_ids, self._built, strict=True):
+            files.update(
+                stage_files(
+                    self._layout, stage, built.modules, built.tied_modules, owned_only=owned_only
+                )
+            )
+        return sorted(files.items(), key=lambda entry: entry[0])
 
     def save_state_dict(self, save_dir: str | Path, exclude_frozen_params: bool = False) -> None:
         """Write one file per layer with parameters, and one per tie key, into ``save_dir``.
@@ -335,18 +377,7 @@ class PipelineModule(torch.nn.Module):
         Collective over the pipeline's process group: returns on every rank once every file is
         written, or raises on every rank if any rank failed.
         """
-        directory = Path(save_dir)
-
-        def write() -> None:
-            if self._grid.axis_rank("data") == 0:
-                save_layer_files(
-                    self._files(owned_only=True),
-                    directory,
-                    self._rank_repr(),
-                    exclude_frozen_params=exclude_frozen_params,
-                )
-
-        run_on_every_rank(f"saving the checkpoint to {directory}", write, self._grid.process_group)
+        save_layer_checkpoint(self, Path(save_dir), exclude_frozen_params=exclude_frozen_params)
 
     def load_state_dir(self, load_dir: str | Path, strict: bool = True) -> None:
         """Load the files :meth:`save_state_dict` wrote, whatever stage count wrote them.
@@ -354,18 +385,7 @@ class PipelineModule(torch.nn.Module):
         Collective over the pipeline's process group. A missing or mismatched file raises on
         every rank, naming the layer and the path.
         """
-        directory = Path(load_dir)
-        run_on_every_rank(
-            f"loading the checkpoint from {directory}",
-            lambda: load_layer_files(
-                self._files(owned_only=False),
-                directory,
-                self._rank_repr(),
-                map_location=self.device,
-                strict=strict,
-            ),
-            self._grid.process_group,
-        )
+        load_layer_checkpoint(self, Path(load_dir), strict=strict)
         self._synchronize_tied_weights()
 
 

@@ -10,71 +10,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from pipemodule._checks import positive_int
 from pipemodule._module import PipelineModule
 from pipemodule._resume import load_checkpoint, save_checkpoint
+from pipemodule._schedules import build_schedule
 
-__all__ = [
-    "SCHEDULES",
-    "PipelineTrainer",
-    "average_data_parallel_gradients",
-    "build_schedule",
-    "clip_grad_norm_",
-    "pipeline_stage",
-]
-
-SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-}
-"""Schedules with one stage per rank, by the names :func:`build_schedule` accepts."""
-
-
-def pipeline_stage(module: PipelineModule) -> PipelineStage:
-    """This rank's stage as a ``torch.distributed.pipelining.PipelineStage``.
-
-    The stage talks to its neighbours over the grid's pipe group, so data-parallel replicas
-    of the pipeline run their schedules independently.
-    """
-    return PipelineStage(
-        module,
-        stage_index=module.stage_id,
-        num_stages=module.num_stages,
-        device=module.device,
-        group=module.grid.axis_group("pipe"),
-    )
-
-
-def build_schedule(
-    module: PipelineModule,
-    n_microbatches: int,
-    schedule: str = "1f1b",
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-) -> PipelineScheduleSingle:
-    """A schedule by name ('gpipe' or '1f1b') over :func:`pipeline_stage` ``(module)``.
-
-    ``loss_fn(outputs, labels)`` defaults to the module's ``loss_fn``; it must return the mean
-    loss of a micro-batch (gradients are averaged over micro-batches).
-    """
-    name = schedule.lower()
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not known; use one of {sorted(SCHEDULES)}")
-    positive_int("n_microbatches", n_microbatches)
-    if name == "1f1b" and n_microbatches < module.num_stages:
-        raise ValueError(
-            f"the 1F1B schedule needs at least as many micro-batches as stages: "
-            f"n_microbatches={n_microbatches} < {module.num_stages} stages; raise n_microbatches "
-            f"or use schedule='gpipe'"
-        )
-    loss = loss_fn if loss_fn is not None else module.loss_fn
-    if loss is None:
-        raise ValueError(
-            "training needs a loss: pass loss_fn to PipelineModule or to build_schedule"
-        )
-    return SCHEDULES[name](pipeline_stage(module), n_microbatches=n_microbatches, loss_fn=loss)
+__all__ = ["PipelineTrainer", "average_data_parallel_gradients", "clip_grad_norm_"]
 
 
 def average_data_parallel_gradients(module: PipelineModule) -> None:
@@ -162,6 +103,7 @@ class PipelineTrainer:
         max_grad_norm: float | None = None,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        return_outputs: bool = False,
     ) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(
@@ -173,6 +115,8 @@ class PipelineTrainer:
         self.max_grad_norm = max_grad_norm
         self.schedule = build_schedule(module, n_microbatches, schedule, loss_fn)
         self.lr_scheduler = lr_scheduler
+        self.return_outputs = return_outputs
+        self.last_outputs: Any = None
         self.last_grad_norm: float | None = None
         self.step_count = 0
         """Optimizer steps taken (restored by :meth:`load_checkpoint`)."""
@@ -192,25 +136,34 @@ class PipelineTrainer:
                 f"n_microbatches={self.n_microbatches} equal micro-batches"
             )
 
+    def _arguments(self, inputs: Any, labels: Any, *, check: bool) -> dict[str, Any]:
+        """What this rank passes to the schedule: inputs for stage 0, labels for the last."""
+        call: dict[str, Any] = {"args": ()}
+        if self.module.holds_first_stage:
+            if check:
+                self._check_batch("inputs", inputs)
+            call["args"] = inputs if isinstance(inputs, tuple) else (inputs,)
+        if self.module.holds_last_stage:
+            if check:
+                self._check_batch("labels", labels)
+            call["target"] = labels
+        return call
+
     def train_step(self, inputs: Any = None, labels: Any = None) -> float:
         """Forward, backward and optimizer step on one batch; returns the mean loss.
 
         The loss is averaged over micro-batches and data-parallel replicas and returned on every
-        rank.
+        rank. With ``return_outputs=True`` the last stage's merged outputs of the step are kept
+        in :attr:`last_outputs` (they cost the logits of every micro-batch).
         """
-        grid = self.module.grid
         self.optimizer.zero_grad(set_to_none=False)
         losses: list[torch.Tensor] = []
-        if grid.is_first_stage:
-            self._check_batch("inputs", inputs)
-            args: tuple[Any, ...] = inputs if isinstance(inputs, tuple) else (inputs,)
-        else:
-            args = ()
-        if grid.is_last_stage:
-            self._check_batch("labels", labels)
-            self.schedule.step(*args, target=labels, losses=losses)
-        else:
-            self.schedule.step(*args)
+        call = self._arguments(inputs, labels, check=True)
+        args = call.pop("args")
+        if "target" in call:
+            call["losses"] = losses
+        outputs = self.schedule.step(*args, return_outputs=self.return_outputs, **call)
+        self.last_outputs = outputs if self.return_outputs else None
         self.module.allreduce_tied_weight_gradients()
         average_data_parallel_gradients(self.module)
         if self.max_grad_norm is not None:
@@ -223,25 +176,23 @@ class PipelineTrainer:
 
     def evaluate(self, inputs: Any = None, labels: Any = None) -> float:
         """The mean loss on one batch, without gradients or updates (collective)."""
-        grid = self.module.grid
         losses: list[torch.Tensor] = []
-        args: tuple[Any, ...] = ()
-        if grid.is_first_stage:
-            args = inputs if isinstance(inputs, tuple) else (inputs,)
+        call = self._arguments(inputs, labels, check=False)
+        args = call.pop("args")
+        if "target" in call:
+            call["losses"] = losses
         with torch.no_grad():
-            if grid.is_last_stage:
-                self.schedule.eval(*args, target=labels, losses=losses)
-            else:
-                self.schedule.eval(*args)
+            self.schedule.eval(*args, **call)
         return self._mean_loss(losses)
 
     def _mean_loss(self, losses: list[torch.Tensor]) -> float:
-        # Only the last stage has losses: a sum over the pipe group hands its mean to every
-        # stage, and an average over the data group combines the replicas.
+        # Only the rank of the last stage has losses, each already divided by the micro-batch
+        # count (see build_schedule): their sum is the mean. A sum over the pipe group hands
+        # it to every stage, and an average over the data group combines the replicas.
         grid = self.module.grid
         total = torch.zeros((), dtype=torch.float64, device=self.module.device)
         if losses:
-            total += torch.stack([loss.detach().double() for loss in losses]).mean()
+            total += torch.stack([loss.detach().double() for loss in losses]).sum()
         dist.all_reduce(total, group=grid.axis_group("pipe"))
         if grid.axis_size("data") > 1:
             dist.all_reduce(total, group=grid.axis_group("data"))

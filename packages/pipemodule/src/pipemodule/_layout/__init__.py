@@ -18,14 +18,17 @@ from pipemodule._layout.layout import (
     require_layer_per_stage,
 )
 from pipemodule._layout.memory import OPTIMIZER_STATES, StageMemory, estimate_stage_memory
+from pipemodule._layout.placement import PLACEMENTS, StagePlacement
 from pipemodule._layout.ties import TieGroup, find_ties
 
 __all__ = [
     "OPTIMIZER_STATES",
+    "PLACEMENTS",
     "ConstructionFingerprint",
     "PipelineArguments",
     "PipelineLayout",
     "StageMemory",
+    "StagePlacement",
     "TieGroup",
     "check_layers",
     "check_pipeline_arguments",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pipemodule._layout.arguments import check_layers, per_stage, resolve_topology
 from pipemodule._layout.facts import describe_layers, unique_layers
 from pipemodule._layout.fingerprint import ConstructionFingerprint, layer_signature
+from pipemodule._layout.placement import StagePlacement
 from pipemodule._layout.ties import TieGroup, find_ties, tie_groups
 from pipepartition import (
     Parameters,
@@ -43,9 +44,12 @@ class PipelineLayout:
 
     Attributes:
         layers: the checked layer list, in forward order (global layer indices).
-        topology: the process topology; its ``pipe`` axis has one coordinate per stage.
+        topology: the process topology; each coordinate of its ``pipe`` axis (a *pipe rank*)
+            holds ``placement.stages_per_rank`` stages.
         method: the partition method, parsed.
-        plan: the partition into stages (boundaries, per-layer costs, the balanced bottleneck).
+        plan: the partition into ``num_stages`` stages (boundaries, per-layer costs, the
+            balanced bottleneck).
+        placement: which pipe rank holds which stage.
         ties: every tie key, in sorted order, with its layers, holding stages and owner.
         infos: per-layer descriptions on meta (names, parameter counts, bytes), or None when
             neither the method nor a memory limit needed them (see :meth:`layer_infos`).
@@ -55,8 +59,21 @@ class PipelineLayout:
     topology: ProcessTopology
     method: PartitionMethod
     plan: PartitionPlan
+    placement: StagePlacement
     ties: Mapping[str, TieGroup]
     infos: tuple[LayerInfo, ...] | None = None
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.placement.stages_per_rank
+
+    def stages_of(self, pipe_rank: int) -> tuple[int, ...]:
+        """The stages pipe rank ``pipe_rank`` holds, in the order it runs them (ascending)."""
+        return self.placement.stages_of(pipe_rank)
+
+    def pipe_rank_of(self, stage: int) -> int:
+        """The pipe rank (coordinate on the ``pipe`` axis) that holds ``stage``."""
+        return self.placement.pipe_rank_of(stage)
 
     @property
     def num_layers(self) -> int:
@@ -106,15 +123,21 @@ class PipelineLayout:
 
     def fingerprint(self) -> ConstructionFingerprint:
         """What a rank builds from this layout, in a form ranks can exchange and compare."""
-        return construction_fingerprint(self.layers, self.topology, repr(self.plan.boundaries))
+        partition = f"{list(self.plan.boundaries)} placed {self.placement!r}"
+        return construction_fingerprint(self.layers, self.topology, partition)
 
     def table(self) -> str:
         """The partition as a table, one row per stage, with trainable parameter counts."""
         return self.with_layer_infos().plan.table()
 
     def __repr__(self) -> str:
+        placed = (
+            ""
+            if self.stages_per_rank == 1
+            else f", {self.stages_per_rank} per rank ({self.placement.kind})"
+        )
         return (
-            f"PipelineLayout({self.num_layers} layers in {self.num_stages} stages, "
+            f"PipelineLayout({self.num_layers} layers in {self.num_stages} stages{placed}, "
             f"boundaries {list(self.plan.boundaries)}, method {self.plan.method}, "
             f"topology {self.topology!r}, ties {list(self.ties)})"
         )
@@ -161,6 +184,7 @@ class PipelineArguments:
     layers: tuple[Layer, ...]
     topology: ProcessTopology
     method: PartitionMethod
+    placement: StagePlacement
     stage_speeds: tuple[float, ...] | None
     stage_memory_limits: tuple[float, ...] | None
 
@@ -171,7 +195,8 @@ class PipelineArguments:
 
     def fingerprint(self) -> ConstructionFingerprint:
         """What ranks compare before the partition exists: the method instead of boundaries."""
-        return construction_fingerprint(self.layers, self.topology, repr(self.method))
+        partition = f"{self.method!r} placed {self.placement!r}"
+        return construction_fingerprint(self.layers, self.topology, partition)
 
 
 def check_pipeline_arguments(
@@ -183,17 +208,21 @@ def check_pipeline_arguments(
     partition_method: str | PartitionMethod = "parameters",
     stage_speeds: Sequence[float] | None = None,
     stage_memory_limits: Sequence[float] | None = None,
+    stages_per_rank: int = 1,
+    stage_placement: str = "loop",
 ) -> PipelineArguments:
     """Check everything :func:`plan_pipeline` takes except the measurements; see there."""
     checked = check_layers(layers)
     resolved = resolve_topology(num_stages, topology, world_size)
-    stages = resolved.get_dim("pipe")
+    placement = StagePlacement.of(stage_placement, resolved.get_dim("pipe"), stages_per_rank)
+    stages = placement.num_stages
     require_layer_per_stage(len(checked), None, stages)
     find_ties(checked)  # occurrences of a key that build different modules: refused now
     return PipelineArguments(
         layers=checked,
         topology=resolved,
         method=parse_method(partition_method),
+        placement=placement,
         stage_speeds=per_stage("stage_speeds", stage_speeds, stages),
         stage_memory_limits=per_stage("stage_memory_limits", stage_memory_limits, stages),
     )
@@ -208,13 +237,17 @@ def plan_pipeline(
     partition_method: str | PartitionMethod = "parameters",
     stage_speeds: Sequence[float] | None = None,
     stage_memory_limits: Sequence[float] | None = None,
+    stages_per_rank: int = 1,
+    stage_placement: str = "loop",
     profile: Sequence[float] | None = None,
     describe: bool = False,
 ) -> PipelineLayout:
     """Compute the layout of a pipeline over ``layers``, locally, without communication.
 
-    The arguments mean what they mean for ``PipelineModule``. Give ``num_stages`` (pipe x data
-    over ``world_size`` ranks; default ``world_size`` = ``num_stages``) or a ``topology``.
+    The arguments mean what they mean for ``PipelineModule``. Give ``num_stages`` (the pipe
+    ranks, as in DeepSpeed: pipe x data over ``world_size`` ranks; default ``world_size`` =
+    ``num_stages``) or a ``topology``. The list is cut into ``num_stages * stages_per_rank``
+    stages, placed on the pipe ranks by ``stage_placement`` ('loop' or 'v').
     Layers are described on the meta device (no memory) only when the method ('parameters'),
     a memory limit or ``describe=True`` needs their parameter counts; 'uniform' and 'type:REGEX'
     layouts construct nothing. ``partition_method='profile'`` needs ``profile``: the measured
@@ -242,6 +275,8 @@ def plan_pipeline(
         partition_method=partition_method,
         stage_speeds=stage_speeds,
         stage_memory_limits=stage_memory_limits,
+        stages_per_rank=stages_per_rank,
+        stage_placement=stage_placement,
     )
     return layout_of(arguments, profile=profile, describe=describe)
 
@@ -262,7 +297,7 @@ def layout_of(
     infos = None
     if describe or isinstance(arguments.method, Parameters) or limits is not None:
         infos = describe_layers(layers)
-    stages = arguments.topology.get_dim("pipe")
+    stages = arguments.placement.num_stages
     plan = plan_partition(
         arguments.method,
         stages,
@@ -279,6 +314,7 @@ def layout_of(
         topology=arguments.topology,
         method=arguments.method,
         plan=plan,
-        ties=tie_groups(layers, plan, arguments.topology),
+        placement=arguments.placement,
+        ties=tie_groups(layers, plan, arguments.topology, arguments.placement),
         infos=infos,
     )

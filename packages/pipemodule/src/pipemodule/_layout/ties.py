@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from pipemodule._layout.placement import StagePlacement
 from pipepartition import PartitionPlan
 from pipespec import Layer, TiedLayerSpec
 from pipetopo import ProcessTopology
@@ -25,10 +26,11 @@ class TieGroup:
         key: the tie key.
         spec: the first occurrence; every occurrence builds the same module (checked).
         layer_indices: global indices of the layers that use the key, ascending.
-        stages: the stages that hold a copy, ascending.
+        stages: the stages that use the key, ascending.
         rank_sets: for every pipeline replica (each line of the topology's ``pipe`` axis, in
-            row-major order), the topology ranks of the stages holding a copy; the groups over
-            which copies talk. Empty when only one stage holds the key.
+            row-major order), the topology ranks holding a copy; the groups over which copies
+            talk. Empty when one rank holds every stage of the key: the stages of a rank share
+            one module object, so that rank's copy needs no communication.
     """
 
     key: str
@@ -44,7 +46,7 @@ class TieGroup:
 
     @property
     def owner_stage(self) -> int:
-        """The stage whose values the other copies take: the first stage holding a copy."""
+        """The stage whose rank's values the other copies take: the first stage using the key."""
         return self.stages[0]
 
     @property
@@ -83,7 +85,10 @@ def find_ties(layers: Sequence[Layer]) -> dict[str, tuple[int, ...]]:
 
 
 def tie_groups(
-    layers: Sequence[Layer], plan: PartitionPlan, topology: ProcessTopology
+    layers: Sequence[Layer],
+    plan: PartitionPlan,
+    topology: ProcessTopology,
+    placement: StagePlacement,
 ) -> Mapping[str, TieGroup]:
     """Every tie key of ``layers`` with its holders under ``plan``, in sorted key order."""
     pipe_lines = topology.get_axis_comm_lists("pipe")
@@ -93,9 +98,10 @@ def tie_groups(
         if not isinstance(spec, TiedLayerSpec):  # find_ties only indexes TiedLayerSpecs
             raise TypeError(f"layer {indices[0]} of tie key {key!r} is not a TiedLayerSpec")
         stages = tuple(sorted({plan.stage_of(index) for index in indices}))
+        pipe_ranks = sorted({placement.pipe_rank_of(stage) for stage in stages})
         rank_sets = (
-            tuple(tuple(line[stage] for stage in stages) for line in pipe_lines)
-            if len(stages) > 1
+            tuple(tuple(line[pipe_rank] for pipe_rank in pipe_ranks) for line in pipe_lines)
+            if len(pipe_ranks) > 1
             else ()
         )
         groups[key] = TieGroup(key, spec, indices, stages, rank_sets)

@@ -78,13 +78,22 @@ class LayerBuilder:
             return layer.to(device)
         return layer
 
-    def build_stage(self, indices: Iterable[int]) -> BuiltStage:
-        """Every layer of ``indices``, tied occurrences sharing one module per key."""
+    def build_stage(
+        self, indices: Iterable[int], tied: MutableMapping[str, torch.nn.Module] | None = None
+    ) -> BuiltStage:
+        """Every layer of ``indices``, tied occurrences sharing one module per key.
+
+        ``tied`` holds the tied modules of the rank's other stages: the stages of one rank share
+        one module per key, so a tie between them needs no communication.
+        """
         stage = BuiltStage()
+        shared = {} if tied is None else tied
         for index in indices:
-            built = self.build(index, stage.tied_modules)
-            stage.forward_funcs.append(built)
+            built = self.build(index, shared)
             layer = self.layers[index]
+            if isinstance(layer, TiedLayerSpec):
+                stage.tied_modules[layer.key] = shared[layer.key]
+            stage.forward_funcs.append(built)
             if isinstance(built, torch.nn.Module) and not isinstance(layer, TiedLayerSpec):
                 stage.modules[index] = built
         return stage

@@ -16,45 +16,57 @@ if TYPE_CHECKING:
 __all__ = ["run_layers"]
 
 
-def run_layers(stage: PipelineModule, inputs: tuple[Any, ...], micro_offset: int) -> Any:
-    """``stage``'s layers applied to ``inputs``, checkpointed in chunks when it asks.
+def run_layers(
+    owner: PipelineModule, funcs: Sequence[ForwardFunc], first_layer: int, inputs: tuple[Any, ...]
+) -> Any:
+    """``funcs`` (global layers ``first_layer`` ...) applied to ``inputs``, checkpointed in chunks
+    when ``owner`` asks.
 
-    The stage's DeepSpeed attributes (``activation_checkpoint_interval``, ``seed_layers`` ...)
+    ``owner``'s DeepSpeed attributes (``activation_checkpoint_interval``, ``seed_layers`` ...)
     are read on every call, because DeepSpeed users change them between steps.
     """
     x: Any = inputs[0] if len(inputs) == 1 else tuple(inputs)
     if isinstance(x, tuple) and len(x) == 1:
         x = x[0]
-    funcs = stage.forward_funcs
-    interval = stage.activation_checkpoint_interval
+    interval = owner.activation_checkpoint_interval
+    if interval == 0 and not owner.seed_layers:
+        # The inner loop of every schedule: nothing per layer but the call itself.
+        for func in funcs:
+            x = func(x)
+        owner.curr_layer = first_layer + len(funcs) - 1
+        return x
+    micro_offset = owner.micro_offset
     if interval == 0:
-        return _run_range(stage, 0, len(funcs), micro_offset)(x)
+        return _run_range(owner, funcs, first_layer, 0, len(funcs), micro_offset)(x)
     for start in range(0, len(funcs), interval):
         stop = min(start + interval, len(funcs))
-        run = _run_range(stage, start, stop, micro_offset)
-        if _is_checkpointable(funcs[start:stop], stage.checkpointable_layers):
+        run = _run_range(owner, funcs, first_layer, start, stop, micro_offset)
+        if _is_checkpointable(funcs[start:stop], owner.checkpointable_layers):
             args = x if isinstance(x, tuple) else (x,)
-            x = stage.activation_checkpoint_func(_unpacking(run), *args)
+            x = owner.activation_checkpoint_func(_unpacking(run), *args)
         else:
             x = run(x)
     return x
 
 
 def _run_range(
-    stage: PipelineModule, start: int, stop: int, micro_offset: int
+    owner: PipelineModule,
+    funcs: Sequence[ForwardFunc],
+    first_layer: int,
+    start: int,
+    stop: int,
+    micro_offset: int,
 ) -> Callable[[Any], Any]:
-    first_layer = stage.local_layer_indices.start
-
     def run(x: Any) -> Any:
         for local_index in range(start, stop):
             # The global index, also inside checkpointed chunks: DeepSpeed uses the index
             # within the chunk there, so every chunk reuses the same seeds.
-            stage.curr_layer = first_layer + local_index
-            if stage.seed_layers:
-                (stage.seed_fn or default_seed_fn)(
-                    stage.base_seed * micro_offset + stage.curr_layer
+            owner.curr_layer = first_layer + local_index
+            if owner.seed_layers:
+                (owner.seed_fn or default_seed_fn)(
+                    owner.base_seed * micro_offset + owner.curr_layer
                 )
-            x = stage.forward_funcs[local_index](x)
+            x = funcs[local_index](x)
         return x
 
     return run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,7 @@ from pipemodule._layout import PipelineLayout
 from pipespec import resolve_tied_attr
 from pipetopo import PipelineParallelGrid
 
-__all__ = ["TieLink", "link_ties"]
+__all__ = ["TieLink", "is_tied_copy", "link_ties", "tied_weights_and_groups"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,25 @@ def link_ties(
                     module=tied_modules[key],
                 )
     return links
+
+
+def tied_weights_and_groups(
+    links: Iterable[TieLink], grid: PipelineParallelGrid
+) -> list[tuple[torch.Tensor, dist.ProcessGroup]]:
+    """``(tensor, group)`` for each tied tensor of ``links``, the group as a real ProcessGroup."""
+    pairs = []
+    for link in links:
+        # Created at construction, so this is a cache look-up on this rank alone.
+        group = grid.group_for(link.topology_ranks)
+        if group is None:
+            raise RuntimeError(f"this rank is not in the group of tie {link.key!r}")
+        pairs += [(tensor, group) for tensor in link.tensors()]
+    return pairs
+
+
+def is_tied_copy(links: Iterable[TieLink], parameter: torch.Tensor, global_rank: int) -> bool:
+    """Whether ``parameter`` is one of ``links``' tensors and another rank owns its values."""
+    return any(
+        link.owner != global_rank and any(parameter is tensor for tensor in link.tensors())
+        for link in links
+    )
