@@ -194,3 +194,52 @@ def test_schedules_are_torchs_own() -> None:
         "ScheduleZBVZeroBubble",
         "ScheduleDualPipeV",
     }
+
+
+def _state_of(pipe: int, per_rank: int, placement: str, load_from: str | None) -> dict[str, Any]:
+    torch.manual_seed(0 if load_from is None else 1)  # a reload starts from other weights
+    module = PipelineModule(
+        gpt_layers(VOCAB, HIDDEN, DEPTH),
+        topology=PipeDataParallelTopology(num_pp=pipe, num_dp=dist.get_world_size() // pipe),
+        device="cpu",
+        stages_per_rank=per_rank,
+        stage_placement=placement,
+    )
+    if load_from is not None:
+        module.load_state_dir(load_from)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _save_virtual(directory: str) -> None:
+    torch.manual_seed(0)
+    module = PipelineModule(
+        gpt_layers(VOCAB, HIDDEN, DEPTH), num_stages=2, device="cpu", stages_per_rank=2
+    )
+    module.save_state_dict(directory)
+
+
+def _merged(states: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    merged: dict[str, torch.Tensor] = {}
+    for state in states:
+        for key, value in state.items():
+            if key in merged:
+                assert torch.equal(merged[key], value), f"copies of {key} differ"
+            merged[key] = value
+    return merged
+
+
+def test_initial_weights_and_checkpoints_do_not_depend_on_the_layout(tmp_path: Any) -> None:
+    [one] = spawn_ranks(_state_of, 1, 1, 1, "loop", None)
+    for pipe, per_rank, placement in [(4, 1, "loop"), (2, 2, "loop"), (4, 2, "v")]:
+        states = spawn_ranks(_state_of, 4, pipe, per_rank, placement, None)
+        merged = _merged(states)
+        assert merged.keys() == one.keys()
+        for key, value in one.items():
+            assert torch.equal(merged[key], value), f"{pipe}x{per_rank} {placement}: {key}"
+    # Saved by 2 ranks x 2 stages (loop), loaded by 4 ranks x 2 stages (v) and by one process.
+    spawn_ranks(_save_virtual, 2, str(tmp_path))
+    for world, pipe, per_rank, placement in [(4, 4, 2, "v"), (1, 1, 1, "loop")]:
+        states = spawn_ranks(_state_of, world, pipe, per_rank, placement, str(tmp_path))
+        merged = _merged(states)
+        for key, value in one.items():
+            assert torch.equal(merged[key], value), f"reloaded {pipe}x{per_rank}: {key}"
