@@ -468,3 +468,22 @@ def test_console_script_imports_from_its_working_directory(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     stages = json.loads(result.stdout)["stages"]
     assert [(stage["first_layer"], stage["last_layer"]) for stage in stages] == [(0, 1), (2, 3)]
+
+
+def test_virtual_stages_show_their_rank_and_shared_ties(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["pipemodule.examples:gpt_layers", "--stages", "2", "--arg", "depth=6"]
+    assert main([*argv, "--stages-per-rank", "2", "--placement", "v"]) == 0
+    out = capsys.readouterr().out
+    assert "9 layers in 4 stages (2 ranks x 2, placed 'v')" in out
+    header = out.splitlines()[1].split()
+    assert header[:6] == ["stage", "layers", "count", "cost", "params", "rank"]
+    ranks = [line.split()[5] for line in out.splitlines()[2:6]]
+    assert ranks == ["0", "1", "1", "0"]
+    assert "held by stages 0 and 3, one module on rank 0" in out
+    assert main([*argv, "--stages-per-rank", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stages_per_rank"] == 2
+    assert data["placement"] == "loop"
+    assert [stage["rank"] for stage in data["stages"]] == [0, 1, 0, 1]
+    assert main([*argv, "--stages-per-rank", "3", "--placement", "v"]) == 2
+    assert "stage_placement='v' places exactly 2 stages per rank" in capsys.readouterr().err

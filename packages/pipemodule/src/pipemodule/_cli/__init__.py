@@ -40,6 +40,8 @@ def _report(argv: Sequence[str] | None) -> tuple[Report, bool]:
             options.arguments,
             layers,
             num_stages=options.stages,
+            stages_per_rank=options.stages_per_rank,
+            placement=options.placement,
             method=method,
             optimizer=options.optimizer,
         )

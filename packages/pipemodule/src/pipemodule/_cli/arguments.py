@@ -60,6 +60,8 @@ class Options:
 
     target: Target
     stages: int
+    stages_per_rank: int
+    placement: str
     method: str
     optimizer: str
     arguments: dict[str, object]
@@ -126,7 +128,25 @@ def _parser() -> argparse.ArgumentParser:
         help="where the layer list comes from, e.g. pipemodule.examples:gpt_layers",
     )
     parser.add_argument(
-        "--stages", type=_stages, required=True, metavar="N", help="number of pipeline stages"
+        "--stages",
+        type=_stages,
+        required=True,
+        metavar="N",
+        help="pipeline ranks (PipelineModule's num_stages)",
+    )
+    parser.add_argument(
+        "--stages-per-rank",
+        type=_stages,
+        default=1,
+        metavar="V",
+        help="stages each rank holds (virtual stages; default 1): the list is cut into N*V",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=["loop", "v"],
+        default="loop",
+        help="which rank holds which stage: 'loop' (rank r: r, r+N, ...) or 'v' (V=2; rank r: "
+        "r and 2N-1-r)",
     )
     parser.add_argument(
         "--method",
@@ -162,6 +182,8 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
     return Options(
         target=namespace.factory,
         stages=namespace.stages,
+        stages_per_rank=namespace.stages_per_rank,
+        placement=namespace.placement,
         method=namespace.method,
         optimizer=namespace.optimizer,
         arguments=dict(namespace.arguments),

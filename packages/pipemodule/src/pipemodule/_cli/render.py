@@ -38,19 +38,28 @@ def _cost(value: float, method: PartitionMethod) -> str:
     return counted(whole, "layer") + matching
 
 
-def _holders(stages: Sequence[int]) -> str:
+def _holders(stages: Sequence[int], ranks: Sequence[int]) -> str:
     if len(stages) == 1:
         return f"stage {stages[0]} only"
     listed = f"stages {', '.join(str(stage) for stage in stages[:-1])} and {stages[-1]}"
+    if len(set(ranks)) == 1:
+        return f"{listed}, one module on rank {ranks[0]} (counted in each stage)"
     return f"{listed} and counted in each"
 
 
 def _title(report: Report) -> str:
-    plan = report.layout.plan
+    layout = report.layout
+    plan = layout.plan
     call = ", ".join(f"{key}={value!r}" for key, value in report.arguments.items())
+    placed = (
+        ""
+        if layout.stages_per_rank == 1
+        else f" ({layout.placement.pipe_ranks} ranks x {layout.stages_per_rank}, placed "
+        f"{layout.placement.kind!r})"
+    )
     return (
         f"{report.target}{f'({call})' if call else ''}: {counted(plan.num_layers, 'layer')} "
-        f"in {counted(plan.num_stages, 'stage')}, method {plan.method}, "
+        f"in {counted(plan.num_stages, 'stage')}{placed}, method {plan.method}, "
         f"optimizer {report.optimizer}"
     )
 
@@ -62,8 +71,14 @@ def _table(report: Report) -> str:
         info.name + _TIED_MARK if index in tied else info.name
         for index, info in enumerate(layout.layer_infos())
     ]
+    columns = {"memory": [format_bytes(stage.total_bytes) for stage in report.stages]}
+    if layout.stages_per_rank > 1:
+        columns = {
+            "rank": [str(layout.pipe_rank_of(stage)) for stage in range(layout.num_stages)],
+            **columns,
+        }
     return layout.plan.table(
-        extra_columns={"memory": [format_bytes(stage.total_bytes) for stage in report.stages]},
+        extra_columns=columns,
         names=names,
         max_names_width=_NAMES_WIDTH,
     )
@@ -80,7 +95,7 @@ def _footer(report: Report) -> list[str]:
     ]
     lines += [
         f"{_TIED_MARK} tied {tie.key!r} ({report.tie_parameters(tie):,} parameters) is held by "
-        f"{_holders(tie.stages)}"
+        f"{_holders(tie.stages, [report.layout.pipe_rank_of(s) for s in tie.stages])}"
         for tie in report.layout.ties.values()
     ]
     lines.append(f"model: {report.model_parameters:,} parameters (each tied module once)")

@@ -61,24 +61,32 @@ class Report:
 
 
 def _layout(
-    target: Target, layers: Sequence[Layer], num_stages: int, method: PartitionMethod
+    target: Target,
+    layers: Sequence[Layer],
+    ranks: int,
+    method: PartitionMethod,
+    stages_per_rank: int,
+    placement: str,
 ) -> PipelineLayout:
+    num_stages = ranks * stages_per_rank
     if 0 < len(layers) < num_stages:  # an empty list gets the library's own message
+        fewer = max(1, len(layers) // stages_per_rank)
         raise UsageError(
             f"{target} has {counted(len(layers), 'layer')}, too few for {num_stages} stages "
-            f"(every stage needs a layer); use --stages {len(layers)} or fewer"
+            f"(every stage needs a layer); use --stages {fewer} or fewer"
         )
+    placed: dict[str, Any] = {"stages_per_rank": stages_per_rank, "stage_placement": placement}
     # A 'uniform' or 'type:' plan constructs nothing, so it checks the layer list, the ties and
     # the pattern first; an error of the plan that describes the layers is then a layer that
     # cannot be built on meta, which is told with where the user's code failed.
     check = Uniform() if isinstance(method, Parameters) else method
     try:
-        plan_pipeline(layers, num_stages=num_stages, partition_method=check)
+        plan_pipeline(layers, num_stages=ranks, partition_method=check, **placed)
     except (TypeError, ValueError) as error:
         raise UsageError(f"cannot plan {target}: {error}") from None
     try:
         layout = plan_pipeline(
-            layers, num_stages=num_stages, partition_method=method, describe=True
+            layers, num_stages=ranks, partition_method=method, describe=True, **placed
         )
     except Exception as error:
         raise UsageError(
@@ -95,9 +103,11 @@ def make_report(
     num_stages: int,
     method: PartitionMethod,
     optimizer: str,
+    stages_per_rank: int = 1,
+    placement: str = "loop",
 ) -> Report:
     """Plan ``layers`` as PipelineModule would, describing each layer on meta once."""
-    layout = _layout(target, layers, num_stages, method)
+    layout = _layout(target, layers, num_stages, method, stages_per_rank, placement)
     stages = estimate_stage_memory(layout, optimizer_states=OPTIMIZER_STATES[optimizer])
     return Report(target, arguments, optimizer, layout, tuple(stages))
 
@@ -108,9 +118,10 @@ def _loads(report: Report) -> list[float]:
     return [time / bottleneck if bottleneck > 0 else 1.0 for time in plan.stage_times]
 
 
-def _stage_json(stage: StageMemory, cost: float, load: float) -> dict[str, Any]:
+def _stage_json(stage: StageMemory, cost: float, load: float, rank: int) -> dict[str, Any]:
     return {
         "stage": stage.stage,
+        "rank": rank,
         "first_layer": stage.layers.start,
         "last_layer": stage.layers.stop - 1,
         "num_layers": len(stage.layers),
@@ -140,7 +151,12 @@ def to_json(report: Report) -> dict[str, Any]:
         "optimizer": report.optimizer,
         "optimizer_states_per_parameter": OPTIMIZER_STATES[report.optimizer],
         "model_parameters": report.model_parameters,
-        "stages": [_stage_json(stage, cost, load) for stage, cost, load in costs],
+        "stages_per_rank": report.layout.stages_per_rank,
+        "placement": report.layout.placement.kind,
+        "stages": [
+            _stage_json(stage, cost, load, report.layout.pipe_rank_of(stage.stage))
+            for stage, cost, load in costs
+        ],
         "tied": [
             {
                 "key": tie.key,
