@@ -220,6 +220,7 @@ class PipelineModule(torch.nn.Module):
         )
         self._stage_ids = stage_ids
         self._built = built
+        self._first_layer = layout.layers_of(stage_ids[0]).start
 
         # 6. Link the tied copies and start them equal.
         self.tied_comms: dict[str, TieLink] = link_ties(layout, self._grid, tied)
@@ -337,8 +338,7 @@ class PipelineModule(torch.nn.Module):
                 f"model.stages[i](...) (a schedule does so through pipeline_stages(model))"
             )
         self.micro_offset += 1
-        first = self._layout.layers_of(self._stage_ids[0]).start
-        return run_layers(self, self.forward_funcs, first, inputs)
+        return run_layers(self, self.forward_funcs, self._first_layer, inputs)
 
     # ------------------------------------------------------------------ checkpoints
 
