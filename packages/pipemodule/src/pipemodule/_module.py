@@ -19,7 +19,12 @@ from pipemodule._stage.collective import run_on_every_rank
 from pipemodule._stage.device import resolve_device
 from pipemodule._stage.forward import run_layers
 from pipemodule._stage.layer_checkpoint import load_layer_checkpoint, save_layer_checkpoint
-from pipemodule._stage.options import StageOptions, check_checkpoint_interval, require_initialised
+from pipemodule._stage.options import (
+    StageOptions,
+    check_checkpoint_interval,
+    refuse_instances,
+    require_initialised,
+)
 from pipemodule._stage.profile import measure_on_first_rank
 from pipemodule._stage.seeding import SeedFn, Seeding
 from pipemodule._stage.stage_module import StageModule
@@ -54,8 +59,9 @@ class PipelineModule(torch.nn.Module):
     Args:
         layers: ``LayerSpec``, ``TiedLayerSpec``, built ``nn.Module`` and plain callables, in the
             order the forward pass runs them (an ``nn.Sequential`` works).
-        num_stages: the number of pipeline stages; must divide the world size (the rest is data
-            parallelism). Give this or ``topology``.
+        num_stages: the number of ranks along the pipeline (DeepSpeed's meaning; the stages,
+            with one per rank); must divide the world size (the rest is data parallelism).
+            Give this or ``topology``.
         topology: a ``pipetopo.ProcessTopology`` with a ``pipe`` axis (e.g.
             ``PipeModelDataParallelTopology``) for more than pipe x data parallelism.
         loss_fn: ``loss_fn(outputs, labels)``, used on the last stage by training schedules.
@@ -86,6 +92,10 @@ class PipelineModule(torch.nn.Module):
         stage_memory_limits: maximum parameter bytes per stage; the partition never exceeds
             them (``ValueError`` if no partition fits).
         profile_input: sample input of the first layer, for ``partition_method='profile'``.
+        stages_per_rank: stages each rank holds; the list is cut into ``num_stages *
+            stages_per_rank`` stages (for the interleaved and zero-bubble schedules).
+        stage_placement: ``'loop'`` (rank r holds r, r + P, ...) or ``'v'`` (two per rank: r
+            and 2P - 1 - r, so the first and last stage share a rank).
 
     Raises:
         TypeError: an argument of the wrong type, before any collective communication.
@@ -139,7 +149,7 @@ class PipelineModule(torch.nn.Module):
             stages_per_rank=stages_per_rank,
             stage_placement=stage_placement,
         )
-        _refuse_nested_pipelines(arguments.layers)
+        refuse_instances(arguments.layers, PipelineModule, "nested pipelines are not supported")
         if arguments.needs_profile and profile_input is None:
             raise ValueError(
                 "partition_method='profile' measures each layer on a sample input: pass "
@@ -387,12 +397,3 @@ class PipelineModule(torch.nn.Module):
         """
         load_layer_checkpoint(self, Path(load_dir), strict=strict)
         self._synchronize_tied_weights()
-
-
-def _refuse_nested_pipelines(layers: Sequence[Layer]) -> None:
-    for index, layer in enumerate(layers):
-        if isinstance(layer, PipelineModule):
-            raise ValueError(
-                f"layer {index} is a PipelineModule; nested pipelines are not supported: pass its "
-                f"layer list instead"
-            )

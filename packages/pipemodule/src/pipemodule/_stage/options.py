@@ -12,7 +12,12 @@ from pipemodule._checks import boolean, callable_or_none, non_negative_int, requ
 from pipemodule._stage.activation_checkpoint import CheckpointFn
 from pipemodule._stage.seeding import SeedFn
 
-__all__ = ["StageOptions", "check_checkpoint_interval", "require_initialised"]
+__all__ = [
+    "StageOptions",
+    "check_checkpoint_interval",
+    "refuse_instances",
+    "require_initialised",
+]
 
 
 def require_initialised() -> None:
@@ -22,6 +27,15 @@ def require_initialised() -> None:
             "PipelineModule needs torch.distributed: call torch.distributed.init_process_group() "
             "first (launch with torchrun; a world of one process works too)"
         )
+
+
+def refuse_instances(layers: Sequence[object], cls: type, why: str) -> None:
+    """Raise if a layer is a ``cls``, e.g. a PipelineModule inside a pipeline's layer list."""
+    for index, layer in enumerate(layers):
+        if isinstance(layer, cls):
+            raise ValueError(
+                f"layer {index} is a {cls.__name__}; {why}: pass its layer list instead"
+            )
 
 
 def check_checkpoint_interval(name: str, value: object) -> int:
