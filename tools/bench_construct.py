@@ -102,7 +102,7 @@ def _build_naive(layers: Sequence[Layer], num_stages: int, stage: int) -> tuple[
     return kept, local
 
 
-def _build(method: str, layers: Sequence[Layer]) -> tuple[Module, range]:
+def _build(method: str, layers: Sequence[Layer]) -> tuple[Module, Sequence[int]]:
     import torch.distributed as dist
 
     from pipemodule import PipelineModule
@@ -134,8 +134,8 @@ def run_rank(method: str, vocab: int, hidden: int, depth: int) -> None:
     result = RankResult(
         rank=dist.get_rank(),
         seconds=seconds,
-        first_layer=local.start,
-        stop_layer=local.stop,
+        first_layer=local[0],
+        stop_layer=local[-1] + 1,
         param_bytes=param_bytes,
         rss_increase_bytes=peak - baseline,
     )

@@ -68,8 +68,10 @@ def _train(pipe: int, schedule: str, per_rank: int, placement: str, m: int) -> d
         mine = slice(replica * share, (replica + 1) * share)
         losses.append(trainer.train_step(inputs[mine], targets[mine]))
         norms.append(trainer.last_grad_norm)
-        weight = module.tied_modules["embed"].weight if "embed" in module.tied_modules else None
-        tied.append(None if weight is None else weight.detach().clone())
+        held = "embed" in module.tied_modules
+        tied.append(
+            module.get_parameter("tied_modules.embed.weight").detach().clone() if held else None
+        )
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     return {"replica": replica, "losses": losses, "norms": norms, "tied": tied, "state": state}
 

@@ -181,9 +181,12 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     layers = [*gpt_layers(vocab_size=12, hidden=4, depth=2), double]
     saved = PipelineModule(layers, num_stages=1, device="cpu")
     saved.save_state_dict(tmp_path)
-    files = sorted(path.name for path in tmp_path.iterdir())
+    files = sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("layer_"))
     # The tied module goes once, under its first occurrence, although its second use has a
-    # forward_fn; the callable has no file.
+    # forward_fn; the callable has no file. Beside them, the manifest that commits the save.
+    assert [path.name for path in tmp_path.glob("pipestack-layers.*")] == [
+        "pipestack-layers.layer_00.json"
+    ]
     assert files == [
         "layer_00-model_states.pt",
         "layer_01-model_states.pt",
@@ -220,7 +223,10 @@ def test_save_overwrites_atomically_and_leaves_no_temporary_files(tmp_path: Path
     module = PipelineModule([LayerSpec(torch.nn.Linear, 4, 4)], num_stages=1, device="cpu")
     module.save_state_dict(tmp_path)
     module.save_state_dict(tmp_path)
-    assert [path.name for path in tmp_path.iterdir()] == ["layer_00-model_states.pt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "layer_00-model_states.pt",
+        "pipestack-layers.layer_00.json",
+    ]
 
 
 def test_checkpoint_files_refuse_pickled_code(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pipemodule._layout import (
     plan_pipeline,
 )
 from pipemodule._module import PipelineModule
+from pipemodule._resume import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipemodule._schedules import SCHEDULES, build_schedule, pipeline_stage, pipeline_stages
 from pipemodule._stage.activation_checkpoint import activation_checkpoint
 from pipemodule._stage.build import TiedForward
@@ -34,6 +35,7 @@ from pipetopo import (
 __all__ = [
     "OPTIMIZER_STATES",
     "SCHEDULES",
+    "CheckpointError",
     "LayerSpec",
     "PipeDataParallelTopology",
     "PipeModelDataParallelTopology",
@@ -56,7 +58,10 @@ __all__ = [
     "count_parameters",
     "default_seed_fn",
     "estimate_stage_memory",
+    "latest_checkpoint",
+    "load_checkpoint",
     "pipeline_stage",
     "pipeline_stages",
     "plan_pipeline",
+    "save_checkpoint",
 ]

@@ -1,22 +1,14 @@
-"""Full training-state checkpoints (placeholder until the resumable-training work lands)."""
+"""Full training-state checkpoints: torch.distributed.checkpoint, committed atomically, resharded.
 
-from __future__ import annotations
+``save.py`` writes, ``load.py`` checks then reads, ``state.py`` is what a checkpoint holds,
+``tree.py`` stores non-tensor values as JSON, ``storage.py`` is DCP storage that runs no pickled
+code, ``commit.py`` is the staging directory, commit marker, ``latest`` and keep-last-K, and
+``validate.py`` the checks made before anything is changed.
+"""
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from pipemodule._resume.commit import latest_checkpoint
+from pipemodule._resume.load import load_checkpoint
+from pipemodule._resume.save import save_checkpoint
+from pipemodule._stage.checkpoint import CheckpointError
 
-if TYPE_CHECKING:
-    from pipemodule._training import PipelineTrainer
-
-__all__ = ["load_checkpoint", "save_checkpoint"]
-
-
-def save_checkpoint(
-    trainer: PipelineTrainer, path: str | os.PathLike[str], **extra_state: Any
-) -> Path:
-    raise NotImplementedError("full training-state checkpoints are not written yet")
-
-
-def load_checkpoint(trainer: PipelineTrainer, path: str | os.PathLike[str]) -> dict[str, Any]:
-    raise NotImplementedError("full training-state checkpoints are not written yet")
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

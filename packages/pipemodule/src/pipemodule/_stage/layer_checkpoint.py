@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipemodule._stage.checkpoint import load_layer_files, save_layer_files
+from pipemodule._stage.checkpoint import read_layer_files, save_layer_files
 from pipemodule._stage.collective import run_on_every_rank
 
 if TYPE_CHECKING:
@@ -32,10 +32,14 @@ def save_layer_checkpoint(
 
 
 def load_layer_checkpoint(module: PipelineModule, directory: Path, *, strict: bool) -> None:
-    """Load ``module``'s layer files, whatever layout wrote them; collective."""
-    run_on_every_rank(
+    """Load ``module``'s layer files, whatever layout wrote them; collective.
+
+    Every rank reads and checks all of its files first; only when every rank's check passed
+    does any rank change a module, so a bad file on one rank leaves every rank's model as it was.
+    """
+    checked = run_on_every_rank(
         f"loading the checkpoint from {directory}",
-        lambda: load_layer_files(
+        lambda: read_layer_files(
             module.layer_modules(owned_only=False),
             directory,
             module.layer_file_suffix(),
@@ -44,3 +48,5 @@ def load_layer_checkpoint(module: PipelineModule, directory: Path, *, strict: bo
         ),
         module.grid.process_group,
     )
+    for target, state in checked:
+        target.load_state_dict(state, strict=strict)
