@@ -15,7 +15,7 @@ micro-batch is divided by the micro-batch count instead: one scaling, whatever h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from pipemodule._checks import positive_int
+from pipemodule._layout.shapes import StageShapes, describe_values, meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 
 __all__ = [
@@ -132,27 +133,35 @@ def check_schedule(
             )
 
 
-def pipeline_stages(module: PipelineModule) -> list[PipelineStage]:
+def pipeline_stages(
+    module: PipelineModule, shapes: Sequence[StageShapes] | None = None
+) -> list[PipelineStage]:
     """This rank's stages as ``torch.distributed.pipelining.PipelineStage`` objects, in order.
 
     The stages talk to their neighbours over the grid's pipe group, so data-parallel replicas
-    of the pipeline run their schedules independently.
+    of the pipeline run their schedules independently. With ``shapes`` (every stage's, from
+    ``stage_shapes``) the stages get static metadata: torch infers nothing at run time.
     """
+    by_stage = {entry.stage: entry for entry in shapes or ()}
     return [
         PipelineStage(
             stage,
             stage_index=index,
             num_stages=module.layout.num_stages,
             device=module.device,
+            input_args=by_stage[index].inputs if index in by_stage else None,
+            output_args=by_stage[index].outputs if index in by_stage else None,
             group=module.grid.axis_group("pipe"),
         )
         for index, stage in zip(module.stage_ids, module.stages, strict=True)
     ]
 
 
-def pipeline_stage(module: PipelineModule) -> PipelineStage:
+def pipeline_stage(
+    module: PipelineModule, shapes: Sequence[StageShapes] | None = None
+) -> PipelineStage:
     """This rank's only stage as a ``PipelineStage`` (one stage per rank)."""
-    stages = pipeline_stages(module)
+    stages = pipeline_stages(module, shapes)
     if len(stages) != 1:
         raise ValueError(
             f"this rank holds stages {list(module.stage_ids)}; use pipeline_stages(module)"
@@ -173,13 +182,19 @@ def build_schedule(
     n_microbatches: int,
     schedule: str = "1f1b",
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    *,
+    sample: Any = None,
+    shapes: Sequence[StageShapes] | None = None,
 ) -> _PipelineSchedule:
     """torch's schedule ``schedule`` (any of :data:`SCHEDULES`, any case) over the module's stages.
 
     ``loss_fn(outputs, labels)`` defaults to the module's ``loss_fn``; it must return the mean
     loss of a micro-batch. Gradients are the mean over micro-batches, as with torch's default;
     the losses the schedule reports are each divided by ``n_microbatches``, so their sum is
-    the mean loss (see [Note: gradients are scaled once, by the loss]).
+    the mean loss (see [Note: gradients are scaled once, by the loss]). ``sample``, one
+    micro-batch's input to the first layer (only its shapes and dtypes matter), gives every stage
+    static metadata computed on meta; without it torch infers shapes at the first step.
+    ``shapes`` passes metadata already computed by ``stage_shapes``.
 
     Raises:
         TypeError: ``schedule`` is not a string.
@@ -198,5 +213,33 @@ def build_schedule(
     # torch types its constructors per class; a single-stage one takes a stage, others a list.
     make: Callable[..., _PipelineSchedule] = cls
     single = issubclass(cls, PipelineScheduleSingle)
-    stages: Any = pipeline_stage(module) if single else pipeline_stages(module)
+    if shapes is None and sample is not None:
+        shapes = stage_shapes(module.layout, sample)
+    stages: Any = pipeline_stage(module, shapes) if single else pipeline_stages(module, shapes)
     return make(stages, n_microbatches=n_microbatches, loss_fn=scaled, scale_grads=False)
+
+
+def check_loss_on_meta(
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    shapes: Sequence[StageShapes],
+    labels: Any,
+) -> None:
+    """Raise unless ``loss_fn`` returns a scalar for the last stage's outputs, on meta.
+
+    A loss function that does not run on meta (it reads values) is not checked here.
+    """
+    if loss_fn is None:
+        return
+    outputs = shapes[-1].outputs
+    with torch.device("meta"):
+        try:
+            loss = loss_fn(outputs[0] if len(outputs) == 1 else outputs, meta_sample(labels))
+        except Exception:  # values needed: the real step will tell
+            return
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn returned {shape} for outputs {describe_values(outputs)} and labels "
+            f"{describe_values(meta_sample(labels))}; it must return a scalar tensor: the mean "
+            f"loss of one micro-batch (e.g. reduce with .mean())"
+        )

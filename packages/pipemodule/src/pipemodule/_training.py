@@ -11,9 +11,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipemodule._layout.shapes import meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 from pipemodule._resume import load_checkpoint, save_checkpoint
-from pipemodule._schedules import build_schedule
+from pipemodule._schedules import build_schedule, check_loss_on_meta
+from pipemodule._step_plan import StepFacts, agree_on_step
 
 __all__ = ["PipelineTrainer", "average_data_parallel_gradients", "clip_grad_norm_"]
 
@@ -91,7 +93,16 @@ class PipelineTrainer:
     Every rank calls :meth:`train_step` once per step (collective over the whole grid). Pass
     the data-parallel replica's batch: ``inputs`` matter on the first stage, ``labels`` on the
     last; other ranks may pass them too or leave them ``None``.
+
+    Stage shapes are never inferred from data: before a step the ranks of a pipeline agree on
+    the micro-batch shapes (one small collective), and every stage's inputs and outputs are
+    planned on the meta device. A batch whose shapes differ from the first one's is planned
+    again when the module was built with ``dynamic_shape=True``, and refused otherwise, on every
+    rank, before anything is sent.
     """
+
+    _PLANS_KEPT = 8
+    """Schedules kept for recent batch shapes, so alternating shapes are planned once each."""
 
     def __init__(
         self,
@@ -113,7 +124,13 @@ class PipelineTrainer:
         self.optimizer = optimizer
         self.n_microbatches = n_microbatches
         self.max_grad_norm = max_grad_norm
+        # Checks the schedule against the module now, on every rank; replaced at the first step
+        # by one with static stage shapes.
         self.schedule = build_schedule(module, n_microbatches, schedule, loss_fn)
+        self._schedule_name = schedule
+        self._loss_fn = loss_fn
+        self._plans: dict[Any, Any] = {}
+        self._first_facts: StepFacts | None = None
         self.lr_scheduler = lr_scheduler
         self.return_outputs = return_outputs
         self.last_outputs: Any = None
@@ -129,25 +146,41 @@ class PipelineTrainer:
         """Restore the state :meth:`save_checkpoint` wrote; returns the user's extra state."""
         return load_checkpoint(self, path)
 
-    def _check_batch(self, name: str, batch: Any) -> None:
-        if isinstance(batch, torch.Tensor) and batch.shape[0] % self.n_microbatches != 0:
-            raise ValueError(
-                f"{name} has batch size {batch.shape[0]}, which does not split into "
-                f"n_microbatches={self.n_microbatches} equal micro-batches"
-            )
-
-    def _arguments(self, inputs: Any, labels: Any, *, check: bool) -> dict[str, Any]:
+    def _arguments(self, inputs: Any, labels: Any) -> dict[str, Any]:
         """What this rank passes to the schedule: inputs for stage 0, labels for the last."""
+        facts = agree_on_step(self.module, inputs, labels, self.n_microbatches)
+        self.schedule = self._schedule_for(facts)
         call: dict[str, Any] = {"args": ()}
         if self.module.holds_first_stage:
-            if check:
-                self._check_batch("inputs", inputs)
             call["args"] = inputs if isinstance(inputs, tuple) else (inputs,)
         if self.module.holds_last_stage:
-            if check:
-                self._check_batch("labels", labels)
             call["target"] = labels
         return call
+
+    def _schedule_for(self, facts: StepFacts) -> Any:
+        """The schedule with static shapes for ``facts``, planned on meta alike on every rank."""
+        key = (facts.inputs, facts.labels)
+        if key in self._plans:
+            return self._plans[key]
+        first = self._first_facts
+        if first is not None and not self.module.dynamic_shape:
+            raise ValueError(
+                f"the batch changed shape: micro-batches were {first.describe()} and are now "
+                f"{facts.describe()}; build the PipelineModule with dynamic_shape=True to plan "
+                f"every new shape again (on meta, no extra communication), or pad batches to one "
+                f"shape"
+            )
+        shapes = stage_shapes(self.module.layout, meta_sample(facts.inputs))
+        if facts.labels is not None:
+            check_loss_on_meta(self._loss_fn or self.module.loss_fn, shapes, facts.labels)
+        schedule = build_schedule(
+            self.module, self.n_microbatches, self._schedule_name, self._loss_fn, shapes=shapes
+        )
+        if len(self._plans) >= self._PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = schedule
+        self._first_facts = first or facts
+        return schedule
 
     def train_step(self, inputs: Any = None, labels: Any = None) -> float:
         """Forward, backward and optimizer step on one batch; returns the mean loss.
@@ -158,7 +191,7 @@ class PipelineTrainer:
         """
         self.optimizer.zero_grad(set_to_none=False)
         losses: list[torch.Tensor] = []
-        call = self._arguments(inputs, labels, check=True)
+        call = self._arguments(inputs, labels)
         args = call.pop("args")
         if "target" in call:
             call["losses"] = losses
@@ -177,7 +210,7 @@ class PipelineTrainer:
     def evaluate(self, inputs: Any = None, labels: Any = None) -> float:
         """The mean loss on one batch, without gradients or updates (collective)."""
         losses: list[torch.Tensor] = []
-        call = self._arguments(inputs, labels, check=False)
+        call = self._arguments(inputs, labels)
         args = call.pop("args")
         if "target" in call:
             call["losses"] = losses

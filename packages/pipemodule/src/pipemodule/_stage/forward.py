@@ -13,7 +13,16 @@ from pipemodule._stage.seeding import default_seed_fn
 if TYPE_CHECKING:
     from pipemodule._module import PipelineModule
 
-__all__ = ["run_layers"]
+__all__ = ["contiguous_outputs", "run_layers"]
+
+
+def contiguous_outputs(x: Any) -> Any:
+    """A stage's outputs as the tensors a send needs: contiguous (a no-op for most)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.is_contiguous() else x.contiguous()
+    if isinstance(x, tuple):
+        return tuple(contiguous_outputs(item) for item in x)
+    return x
 
 
 def run_layers(

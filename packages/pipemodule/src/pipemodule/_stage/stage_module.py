@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipemodule._stage.build import BuiltStage
-from pipemodule._stage.forward import run_layers
+from pipemodule._stage.forward import contiguous_outputs, run_layers
 
 if TYPE_CHECKING:
     from pipemodule._module import PipelineModule
@@ -47,7 +47,9 @@ class StageModule(torch.nn.Module):
                 f"while its stages run"
             )
         owner.micro_offset += 1
-        return run_layers(owner, self.forward_funcs, self.layer_indices[0], inputs)
+        return contiguous_outputs(
+            run_layers(owner, self.forward_funcs, self.layer_indices[0], inputs)
+        )
 
     def extra_repr(self) -> str:
         return f"stage {self.stage_index}, layers {self.layer_indices[0]}..{self.layer_indices[-1]}"
