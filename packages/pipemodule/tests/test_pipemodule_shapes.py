@@ -152,3 +152,49 @@ def test_a_bad_batch_fails_on_every_rank_at_once(case: str, expected: str) -> No
     assert time.monotonic() - started < 40, "an error must not wait for a timeout"
     for message in messages:
         assert expected in message, message
+
+
+def _train_into_overflow(limit: int | None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    calls = {"n": 0}
+
+    def exploding(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # Steps 2 and 3 (micro-batches 3 to 6) overflow, as an fp16 loss would.
+        calls["n"] += logits.device.type != "meta"  # planning calls it once on meta
+        loss = _loss(logits, targets)
+        return loss * float("inf") if 3 <= calls["n"] <= 6 else loss
+
+    module = PipelineModule(
+        gpt_layers(VOCAB, HIDDEN, 2), num_stages=2, loss_fn=exploding, device="cpu"
+    )
+    trainer = PipelineTrainer(
+        module,
+        torch.optim.SGD(module.parameters(), lr=LR),
+        n_microbatches=2,
+        max_consecutive_skips=limit,
+    )
+    trainer.train_step(*_batch(0, 8))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        trainer.train_step(*_batch(1, 8))
+        trainer.train_step(*_batch(2, 8))
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}", "skipped": trainer.skipped_steps}
+    unchanged = all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    trainer.train_step(*_batch(3, 8))
+    moved = not all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    return {
+        "error": None,
+        "skipped": trainer.skipped_steps,
+        "steps": trainer.step_count,
+        "unchanged": unchanged,
+        "moved": moved,
+    }
+
+
+def test_non_finite_gradients_skip_the_step_on_every_rank() -> None:
+    for result in spawn_ranks(_train_into_overflow, 2, None, timeout=120):
+        assert result == {"error": None, "skipped": 2, "steps": 2, "unchanged": True, "moved": True}
+    for result in spawn_ranks(_train_into_overflow, 2, 2, timeout=120):
+        assert result["skipped"] == 2
+        assert result["error"].startswith("NonFiniteGradientsError: the gradients were not finite")

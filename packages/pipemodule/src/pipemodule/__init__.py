@@ -23,7 +23,13 @@ from pipemodule._stage.build import TiedForward
 from pipemodule._stage.collective import PipelineRankError
 from pipemodule._stage.seeding import default_seed_fn
 from pipemodule._stage.stage_module import StageModule
-from pipemodule._training import PipelineTrainer, average_data_parallel_gradients, clip_grad_norm_
+from pipemodule._training import (
+    NonFiniteGradientsError,
+    PipelineTrainer,
+    average_data_parallel_gradients,
+    clip_grad_norm_,
+    global_grad_norm,
+)
 from pipespec import LayerSpec, TiedLayerSpec
 from pipetopo import (
     PipeDataParallelTopology,
@@ -37,6 +43,7 @@ __all__ = [
     "SCHEDULES",
     "CheckpointError",
     "LayerSpec",
+    "NonFiniteGradientsError",
     "PipeDataParallelTopology",
     "PipeModelDataParallelTopology",
     "PipelineLayout",
@@ -58,6 +65,7 @@ __all__ = [
     "count_parameters",
     "default_seed_fn",
     "estimate_stage_memory",
+    "global_grad_norm",
     "latest_checkpoint",
     "load_checkpoint",
     "pipeline_stage",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -11,13 +12,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipemodule._checks import positive_int
 from pipemodule._layout.shapes import meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 from pipemodule._resume import load_checkpoint, save_checkpoint
 from pipemodule._schedules import build_schedule, check_loss_on_meta
 from pipemodule._step_plan import StepFacts, agree_on_step
 
-__all__ = ["PipelineTrainer", "average_data_parallel_gradients", "clip_grad_norm_"]
+__all__ = [
+    "NonFiniteGradientsError",
+    "PipelineTrainer",
+    "average_data_parallel_gradients",
+    "clip_grad_norm_",
+    "global_grad_norm",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteGradientsError(RuntimeError):
+    """Raised on every rank when too many consecutive steps had non-finite gradients."""
 
 
 def average_data_parallel_gradients(module: PipelineModule) -> None:
@@ -46,6 +60,25 @@ def average_data_parallel_gradients(module: PipelineModule) -> None:
             offset += grad.numel()
 
 
+def global_grad_norm(module: PipelineModule) -> float:
+    """The L2 norm of the whole pipeline's gradients, each tensor counted once (see below).
+
+    Collective over the model-parallel group; the same value on every rank of a replica.
+    """
+    grid = module.grid
+    first_slice = "model" not in grid.axes or grid.axis_rank("model") == 0
+    squares = torch.zeros((), dtype=torch.float64, device=module.device)
+    for p in module.parameters():
+        if (
+            p.grad is not None
+            and not module.is_tied_copy(p)
+            and (first_slice or getattr(p, "tensor_model_parallel", False))
+        ):
+            squares += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(squares, group=grid.replica_group())
+    return math.sqrt(float(squares))
+
+
 def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
     """Scale the pipeline's gradients so that their global L2 norm is at most ``max_norm``.
 
@@ -59,27 +92,19 @@ def clip_grad_norm_(module: PipelineModule, max_norm: float) -> float:
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm={max_norm!r} must be > 0")
-    grid = module.grid
-    first_slice = "model" not in grid.axes or grid.axis_rank("model") == 0
-    grads = [
-        p.grad
-        for p in module.parameters()
-        if p.grad is not None
-        and not module.is_tied_copy(p)
-        and (first_slice or getattr(p, "tensor_model_parallel", False))
-    ]
-    squares = torch.zeros((), dtype=torch.float64, device=module.device)
-    for grad in grads:
-        squares += grad.detach().double().pow(2).sum()
-    dist.all_reduce(squares, group=grid.replica_group())
-    total_norm = math.sqrt(float(squares))
+    total_norm = global_grad_norm(module)
+    clip_to(module, max_norm, total_norm)
+    return total_norm
+
+
+def clip_to(module: PipelineModule, max_norm: float, total_norm: float) -> None:
+    """Scale every gradient by ``max_norm / total_norm`` when that is below 1 (local)."""
     scale = max_norm / (total_norm + 1e-6)
     if scale < 1.0:
         # Tied copies are scaled too: they must stay identical to their owner.
         for parameter in module.parameters():
             if parameter.grad is not None:
                 parameter.grad.mul_(scale)
-    return total_norm
 
 
 class PipelineTrainer:
@@ -115,6 +140,7 @@ class PipelineTrainer:
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         return_outputs: bool = False,
+        max_consecutive_skips: int | None = 10,
     ) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(
@@ -137,6 +163,12 @@ class PipelineTrainer:
         self.last_grad_norm: float | None = None
         self.step_count = 0
         """Optimizer steps taken (restored by :meth:`load_checkpoint`)."""
+        if max_consecutive_skips is not None:
+            positive_int("max_consecutive_skips", max_consecutive_skips)
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        """Steps skipped because the gradients were not finite (inf/NaN), in total."""
+        self.consecutive_skips = 0
 
     def save_checkpoint(self, path: str | os.PathLike[str], **extra_state: Any) -> Path:
         """Save the full training state to ``path``; see :func:`pipemodule.save_checkpoint`."""
@@ -199,13 +231,41 @@ class PipelineTrainer:
         self.last_outputs = outputs if self.return_outputs else None
         self.module.allreduce_tied_weight_gradients()
         average_data_parallel_gradients(self.module)
+        norm = global_grad_norm(self.module)
+        self.last_grad_norm = norm
+        if not math.isfinite(norm):
+            # Every rank has the same norm (one all-reduce), so every rank skips together.
+            self._skip_step(norm)
+            return self._mean_loss(losses)
+        self.consecutive_skips = 0
         if self.max_grad_norm is not None:
-            self.last_grad_norm = clip_grad_norm_(self.module, self.max_grad_norm)
+            clip_to(self.module, self.max_grad_norm, norm)
         self.optimizer.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.step_count += 1
         return self._mean_loss(losses)
+
+    def _skip_step(self, norm: float) -> None:
+        """Drop this step's gradients; raise once too many steps in a row had to be dropped."""
+        self.optimizer.zero_grad(set_to_none=False)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        logger.warning(
+            "step %d skipped: the gradient norm is %s (%d in a row, %d in all)",
+            self.step_count + 1,
+            norm,
+            self.consecutive_skips,
+            self.skipped_steps,
+        )
+        limit = self.max_consecutive_skips
+        if limit is not None and self.consecutive_skips >= limit:
+            raise NonFiniteGradientsError(
+                f"the gradients were not finite (norm {norm}) in {self.consecutive_skips} "
+                f"consecutive steps; the parameters are unchanged since the last good step. Lower "
+                f"the learning rate, check the data and the loss for inf/NaN, or raise "
+                f"max_consecutive_skips (None never raises)"
+            )
 
     def evaluate(self, inputs: Any = None, labels: Any = None) -> float:
         """The mean loss on one batch, without gradients or updates (collective)."""
