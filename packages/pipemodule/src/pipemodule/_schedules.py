@@ -30,11 +30,11 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     PipelineScheduleSingle,
-    _PipelineSchedule,
     get_schedule_class,
 )
 
 from pipemodule._checks import positive_int
+from pipemodule._data_parallel import stage_modules
 from pipemodule._layout.shapes import StageShapes, describe_values, meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 
@@ -46,7 +46,10 @@ __all__ = [
     "schedule_class",
 ]
 
-SCHEDULES: dict[str, type[_PipelineSchedule]] = {
+Schedule = PipelineScheduleSingle | PipelineScheduleMulti
+"""A torch pipeline schedule: one stage per rank, or several."""
+
+SCHEDULES: dict[str, type[Schedule]] = {
     name.lower(): get_schedule_class(name)
     for name in (
         "GPipe",
@@ -64,7 +67,7 @@ _V_SCHEDULES = (ScheduleZBVZeroBubble, ScheduleDualPipeV)
 _ROUND_SCHEDULES = (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
 
 
-def schedule_class(schedule: object) -> type[_PipelineSchedule]:
+def schedule_class(schedule: object) -> type[Schedule]:
     """torch's schedule class for a name such as ``'1f1b'`` or ``'ZBVZeroBubble'``."""
     if not isinstance(schedule, str):
         raise TypeError(
@@ -72,7 +75,7 @@ def schedule_class(schedule: object) -> type[_PipelineSchedule]:
             f"{[cls.__name__.removeprefix('Schedule') for cls in SCHEDULES.values()]}"
         )
     try:
-        found: type[_PipelineSchedule] | None = get_schedule_class(schedule)
+        found: type[Schedule] | None = get_schedule_class(schedule)
     except ValueError:
         found = None
     # torch's map also names the two abstract bases, which cannot run.
@@ -85,7 +88,7 @@ def schedule_class(schedule: object) -> type[_PipelineSchedule]:
 
 
 def check_schedule(
-    module: PipelineModule, cls: type[_PipelineSchedule], n_microbatches: int
+    module: PipelineModule, cls: type[Schedule], n_microbatches: int
 ) -> None:
     """Raise unless ``module``'s placement and ``n_microbatches`` fit schedule ``cls``."""
     name = cls.__name__.removeprefix("Schedule")
@@ -140,7 +143,8 @@ def pipeline_stages(
 
     The stages talk to their neighbours over the grid's pipe group, so data-parallel replicas
     of the pipeline run their schedules independently. With ``shapes`` (every stage's, from
-    ``stage_shapes``) the stages get static metadata: torch infers nothing at run time.
+    ``stage_shapes``) the stages get static metadata: torch infers nothing at run time. After
+    ``shard_data_parallel`` each stage runs its DDP or FSDP wrapper, which torch's stage drives.
     """
     by_stage = {entry.stage: entry for entry in shapes or ()}
     return [
@@ -153,7 +157,7 @@ def pipeline_stages(
             output_args=by_stage[index].outputs if index in by_stage else None,
             group=module.grid.axis_group("pipe"),
         )
-        for index, stage in zip(module.stage_ids, module.stages, strict=True)
+        for index, stage in zip(module.stage_ids, stage_modules(module), strict=True)
     ]
 
 
@@ -185,7 +189,7 @@ def build_schedule(
     *,
     sample: Any = None,
     shapes: Sequence[StageShapes] | None = None,
-) -> _PipelineSchedule:
+) -> Schedule:
     """torch's schedule ``schedule`` (any of :data:`SCHEDULES`, any case) over the module's stages.
 
     ``loss_fn(outputs, labels)`` defaults to the module's ``loss_fn``; it must return the mean
@@ -211,7 +215,7 @@ def build_schedule(
         )
     scaled = _scaled(loss, n_microbatches)
     # torch types its constructors per class; a single-stage one takes a stage, others a list.
-    make: Callable[..., _PipelineSchedule] = cls
+    make: Callable[..., Schedule] = cls
     single = issubclass(cls, PipelineScheduleSingle)
     if shapes is None and sample is not None:
         shapes = stage_shapes(module.layout, sample)
