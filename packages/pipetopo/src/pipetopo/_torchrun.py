@@ -83,6 +83,7 @@ def torchrun_command(
     *,
     log_dir: str | os.PathLike[str] | None = None,
     python: str | None = None,
+    extra_torchrun_args: Sequence[str] = (),
 ) -> list[str]:
     """The command line that runs ``script args...`` on ``nproc`` local ranks.
 
@@ -90,17 +91,20 @@ def torchrun_command(
     rendezvous on a free port, so concurrent jobs do not clash (a fixed ``--master_port=0``
     without ``--standalone`` hangs instead). With ``log_dir``, each rank's stdout goes to its
     own file under it (``--redirects 1``) while stderr stays on torchrun's stderr. ``python``
-    defaults to this interpreter.
+    defaults to this interpreter. ``extra_torchrun_args`` go to torchrun itself, before the
+    script: ``("--max-restarts", "2")`` restarts the workers up to twice when one fails.
 
     Raises:
         ValueError: ``nproc`` is not a positive int.
+        TypeError: ``extra_torchrun_args`` is a string rather than a sequence of strings.
     """
     _check_nproc(nproc)
+    extra = _check_torchrun_args(extra_torchrun_args)
     command = [python or sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(nproc)]
     if log_dir is not None:
         command += ["--log-dir", os.fspath(log_dir), "--redirects", "1"]
-    return [*command, os.fspath(script), *args]
+    return [*command, *extra, os.fspath(script), *args]
 
 
 def run_torchrun(
@@ -114,6 +118,7 @@ def run_torchrun(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     stop_grace: float = 5.0,
+    extra_torchrun_args: Sequence[str] = (),
 ) -> TorchrunResult:
     """Run ``script args...`` under torchrun on ``nproc`` local ranks; return how it ended.
 
@@ -124,7 +129,9 @@ def run_torchrun(
     ``capture`` collects torchrun's stdout and stderr into the result; without it they go to
     this process's own. ``per_rank_stdout`` sends each rank's stdout to a file of its own (a
     temporary log folder) and returns them in ``rank_stdout``: ranks writing to one pipe tear
-    each other's lines.
+    each other's lines. ``extra_torchrun_args`` go to torchrun before the script (see
+    `torchrun_command`); with ``("--max-restarts", "N")`` a restarted job's ``rank_stdout``
+    holds each attempt's output in turn, and ``timeout`` covers every attempt.
 
     After ``timeout`` seconds, torchrun gets SIGTERM, on which it stops its workers. Whatever
     of the job is still alive ``stop_grace`` seconds later is killed with SIGKILL, each worker
@@ -135,8 +142,10 @@ def run_torchrun(
 
     Raises:
         ValueError: ``nproc``, ``timeout`` or ``stop_grace`` is out of range.
+        TypeError: ``extra_torchrun_args`` is a string rather than a sequence of strings.
     """
     _check_nproc(nproc)
+    _check_torchrun_args(extra_torchrun_args)
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     if not stop_grace >= 0:
@@ -146,7 +155,9 @@ def run_torchrun(
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env[_JOB_VARIABLE] = token
     with _log_folder(per_rank_stdout) as log_dir:
-        command = torchrun_command(script, nproc, args, log_dir=log_dir)
+        command = torchrun_command(
+            script, nproc, args, log_dir=log_dir, extra_torchrun_args=extra_torchrun_args
+        )
         started = time.monotonic()
         pipe = subprocess.PIPE if capture else None
         # A session of its own keeps a terminal's Ctrl-C away from torchrun (this call stops
@@ -185,6 +196,16 @@ def run_torchrun(
 def _check_nproc(nproc: int) -> None:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive int, got {nproc!r}.")
+
+
+def _check_torchrun_args(extra: Sequence[str]) -> list[str]:
+    # A lone string is a sequence too, and would become one argument per character.
+    if isinstance(extra, (str, bytes)) or not all(isinstance(arg, str) for arg in extra):
+        raise TypeError(
+            f"extra_torchrun_args must be a sequence of strings, such as "
+            f"('--max-restarts', '1'), got {extra!r}."
+        )
+    return list(extra)
 
 
 @contextmanager
