@@ -487,3 +487,44 @@ def test_virtual_stages_show_their_rank_and_shared_ties(capsys: pytest.CaptureFi
     assert [stage["rank"] for stage in data["stages"]] == [0, 1, 0, 1]
     assert main([*argv, "--stages-per-rank", "3", "--placement", "v"]) == 2
     assert "stage_placement='v' places exactly 2 stages per rank" in capsys.readouterr().err
+
+
+def test_activation_flags_add_in_flight_activation_and_peak_columns(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = (GPT, "--stages", "2", "--schedule", "1f1b", "--microbatches", "4")
+    code, out, err = run(capsys, *argv, "--input-shape", "2,32")
+    assert code == 0, err
+    header = out.splitlines()[1]
+    assert re.search(r"memory\s+in flight\s+activations\s+peak\s+load", header), header
+    assert "limiting: stage 0 (rank 0)" in out
+    code, out, err = run(capsys, *argv, "--input-shape", "2,32", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    stages = report["stages"]
+    assert [stage["microbatches_in_flight"] for stage in stages] == [2, 1]
+    for stage in stages:
+        assert stage["peak_bytes"] == stage["total_bytes"] + stage["activation_bytes"]
+    assert report["schedule"] == "1F1B"
+    assert report["input_dtype"] == "int64"
+    assert report["limiting_stage"] == 0
+
+
+def test_activation_flags_come_together(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, GPT, "--stages", "2", "--schedule", "1f1b")
+    assert code == 2
+    assert "add --microbatches and --input-shape" in err
+    code, _, err = run(
+        capsys,
+        GPT,
+        "--stages",
+        "2",
+        "--schedule",
+        "1f1b",
+        "--microbatches",
+        "1",
+        "--input-shape",
+        "2,32",
+    )
+    assert code == 2
+    assert "1F1B needs at least as many micro-batches" in err

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pipemodule._cli.arguments import PROG, UsageError, parse_arguments, partition_method
 from pipemodule._cli.factory import cwd_on_path, load_layers
 from pipemodule._cli.render import render
-from pipemodule._cli.report import Report, make_report, to_json
+from pipemodule._cli.report import Report, activation_options, make_report, to_json
 
 __all__ = ["main"]
 
@@ -44,6 +44,7 @@ def _report(argv: Sequence[str] | None) -> tuple[Report, bool]:
             placement=options.placement,
             method=method,
             optimizer=options.optimizer,
+            activations=activation_options(options),
         )
     return report, options.json
 

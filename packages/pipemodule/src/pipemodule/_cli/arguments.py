@@ -30,7 +30,11 @@ nothing either; a list attribute is built when its module is imported. MODULE ma
 
 Memory per stage = parameters + gradients + optimizer state, at the parameters' dtypes:
 adam/adamw keep 2 states per trainable parameter, sgd 1 (its momentum buffer), none 0 (plain
-SGD). Mixed-precision master weights and activations are not included. A tied module
+SGD). With --schedule, --microbatches and --input-shape, each stage also counts the bytes
+autograd saves for one micro-batch (its layers run on meta under saved-tensor hooks) times the
+micro-batches it holds at its peak in torch's order for that schedule (activation_bytes), and
+peak_bytes is the sum; the footer names the stage that limits. Mixed-precision master
+weights and stage-boundary buffers are not included. A tied module
 (TiedLayerSpec) is held by every stage that uses its key, so it is counted on each of them.
 
 exit status: 0 success, 2 bad arguments, factory, layers or method.
@@ -66,6 +70,11 @@ class Options:
     optimizer: str
     arguments: dict[str, object]
     json: bool
+    schedule: str | None = None
+    microbatches: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str = "int64"
+    checkpoint_interval: int = 0
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -98,6 +107,28 @@ def _stages(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number of stages; pass an int >= 1, e.g. --stages 4"
         )
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape; pass the sizes of one micro-batch's input, e.g. 4,2048"
+        )
+    return sizes
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 0")
     return value
 
 
@@ -171,6 +202,35 @@ def _parser() -> argparse.ArgumentParser:
         help="keyword argument for the factory function; VALUE is a Python literal or else a "
         "string (repeatable)",
     )
+    parser.add_argument(
+        "--schedule",
+        metavar="NAME",
+        help="torch schedule (gpipe, 1f1b, interleaved1f1b, loopedbfs, interleavedzerobubble, "
+        "zbvzerobubble, dualpipev): adds each stage's saved activations at its peak",
+    )
+    parser.add_argument(
+        "--microbatches", type=_stages, metavar="M", help="micro-batches per step (with --schedule)"
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="B,S[,...]",
+        help="shape of one micro-batch's input to the first layer (with --schedule)",
+    )
+    parser.add_argument(
+        "--input-dtype",
+        default="int64",
+        metavar="DTYPE",
+        help="dtype of that input (default int64: token ids), e.g. float32",
+    )
+    parser.add_argument(
+        "--checkpoint-interval",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="activation checkpointing in chunks of K layers (PipelineModule's "
+        "activation_checkpoint_interval; default 0: off)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object for tools")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -188,6 +248,11 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
         optimizer=namespace.optimizer,
         arguments=dict(namespace.arguments),
         json=namespace.json,
+        schedule=namespace.schedule,
+        microbatches=namespace.microbatches,
+        input_shape=namespace.input_shape,
+        input_dtype=namespace.input_dtype,
+        checkpoint_interval=namespace.checkpoint_interval,
     )
 
 

@@ -72,6 +72,10 @@ def _table(report: Report) -> str:
         for index, info in enumerate(layout.layer_infos())
     ]
     columns = {"memory": [format_bytes(stage.total_bytes) for stage in report.stages]}
+    if report.memory is not None:
+        columns["in flight"] = [str(stage.microbatches_in_flight) for stage in report.stages]
+        columns["activations"] = [format_bytes(stage.activation_bytes) for stage in report.stages]
+        columns["peak"] = [format_bytes(stage.peak_bytes) for stage in report.stages]
     if layout.stages_per_rank > 1:
         columns = {
             "rank": [str(layout.pipe_rank_of(stage)) for stage in range(layout.num_stages)],
@@ -93,6 +97,29 @@ def _footer(report: Report) -> list[str]:
         f"({OPTIMIZER_STATES[report.optimizer]} per trainable parameter); activations not "
         "included",
     ]
+    memory, options = report.memory, report.activations
+    if memory is not None and options is not None:
+        shape = ",".join(str(size) for size in options.input_shape)
+        dtype = str(options.input_dtype).removeprefix("torch.")
+        ckpt = (
+            f", checkpointing every {memory.activation_checkpoint_interval} layers"
+            if memory.activation_checkpoint_interval
+            else ""
+        )
+        limiting = memory.stages[memory.limiting_stage]
+        lines[1] = (
+            f"memory: parameters + gradients + {report.optimizer} state "
+            f"({OPTIMIZER_STATES[report.optimizer]} per trainable parameter); activations: saved "
+            f"for backward per micro-batch ({dtype}[{shape}]) x micro-batches in flight under "
+            f"{memory.schedule}, m={memory.n_microbatches}{ckpt}"
+        )
+        lines.append(
+            f"limiting: stage {limiting.stage} (rank {report.layout.pipe_rank_of(limiting.stage)})"
+            f", peak {format_bytes(limiting.peak_bytes)}"
+        )
+        if report.layout.stages_per_rank > 1:
+            peaks = ", ".join(format_bytes(peak) for peak in memory.rank_peak_bytes)
+            lines.append(f"rank peaks (all stages of a rank, along its order): {peaks}")
     lines += [
         f"{_TIED_MARK} tied {tie.key!r} ({report.tie_parameters(tie):,} parameters) is held by "
         f"{_holders(tie.stages, [report.layout.pipe_rank_of(s) for s in tie.stages])}"

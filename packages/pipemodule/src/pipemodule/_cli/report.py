@@ -6,20 +6,67 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pipemodule import (
     OPTIMIZER_STATES,
+    MemoryPlan,
     PipelineLayout,
     StageMemory,
     TieGroup,
     estimate_stage_memory,
+    plan_memory,
     plan_pipeline,
 )
-from pipemodule._cli.arguments import Target, UsageError
+from pipemodule._cli.arguments import Options, Target, UsageError
 from pipemodule._cli.factory import one_line
 from pipepartition import Parameters, PartitionMethod, Uniform
 from pipespec import Layer
 
-__all__ = ["Report", "counted", "make_report", "to_json"]
+__all__ = ["ActivationOptions", "Report", "activation_options", "counted", "make_report", "to_json"]
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """What the activation columns need: schedule, m, a micro-batch's input, checkpointing."""
+
+    schedule: str
+    microbatches: int
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    checkpoint_interval: int = 0
+
+
+def activation_options(options: Options) -> ActivationOptions | None:
+    """The activation options of the command line, or None when --schedule is absent."""
+    given = {
+        "--schedule": options.schedule,
+        "--microbatches": options.microbatches,
+        "--input-shape": options.input_shape,
+    }
+    if all(value is None for value in given.values()):
+        if options.checkpoint_interval:
+            raise UsageError(
+                "--checkpoint-interval changes activations only: add --schedule, --microbatches "
+                "and --input-shape"
+            )
+        return None
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        raise UsageError(
+            f"activations need --schedule, --microbatches and --input-shape together; add "
+            f"{' and '.join(missing)} (e.g. --schedule 1f1b --microbatches 8 --input-shape 4,2048)"
+        )
+    dtype = getattr(torch, options.input_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(
+            f"--input-dtype {options.input_dtype!r} is not a torch dtype; pass e.g. int64, "
+            "float32 or bfloat16"
+        )
+    schedule, microbatches, shape = options.schedule, options.microbatches, options.input_shape
+    if schedule is None or microbatches is None or shape is None:  # told above; for the types
+        raise UsageError("activations need --schedule, --microbatches and --input-shape")
+    return ActivationOptions(schedule, microbatches, shape, dtype, options.checkpoint_interval)
 
 
 def counted(number: int, noun: str) -> str:
@@ -40,6 +87,8 @@ class Report:
     optimizer: str
     layout: PipelineLayout
     stages: tuple[StageMemory, ...]
+    memory: MemoryPlan | None = None
+    activations: ActivationOptions | None = None
 
     @property
     def method(self) -> PartitionMethod:
@@ -105,11 +154,33 @@ def make_report(
     optimizer: str,
     stages_per_rank: int = 1,
     placement: str = "loop",
+    activations: ActivationOptions | None = None,
 ) -> Report:
     """Plan ``layers`` as PipelineModule would, describing each layer on meta once."""
     layout = _layout(target, layers, num_stages, method, stages_per_rank, placement)
-    stages = estimate_stage_memory(layout, optimizer_states=OPTIMIZER_STATES[optimizer])
-    return Report(target, arguments, optimizer, layout, tuple(stages))
+    states = OPTIMIZER_STATES[optimizer]
+    if activations is None:
+        stages = estimate_stage_memory(layout, optimizer_states=states)
+        return Report(target, arguments, optimizer, layout, tuple(stages))
+    sample = torch.empty(activations.input_shape, dtype=activations.input_dtype, device="meta")
+    try:
+        memory = plan_memory(
+            layout,
+            sample,
+            schedule=activations.schedule,
+            n_microbatches=activations.microbatches,
+            optimizer_states=states,
+            activation_checkpoint_interval=activations.checkpoint_interval,
+        )
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"cannot plan the activations of {target}: {error}") from None
+    except RuntimeError as error:
+        raise UsageError(
+            f"running the layers of {target} on the meta device failed: {one_line(error)}"
+        ) from error
+    return Report(
+        target, arguments, optimizer, layout, memory.stages, memory=memory, activations=activations
+    )
 
 
 def _loads(report: Report) -> list[float]:
@@ -118,8 +189,10 @@ def _loads(report: Report) -> list[float]:
     return [time / bottleneck if bottleneck > 0 else 1.0 for time in plan.stage_times]
 
 
-def _stage_json(stage: StageMemory, cost: float, load: float, rank: int) -> dict[str, Any]:
-    return {
+def _stage_json(
+    stage: StageMemory, cost: float, load: float, rank: int, with_activations: bool
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
         "stage": stage.stage,
         "rank": rank,
         "first_layer": stage.layers.start,
@@ -136,6 +209,13 @@ def _stage_json(stage: StageMemory, cost: float, load: float, rank: int) -> dict
         "cost": cost,
         "load": load,
     }
+    if with_activations:
+        record["saved_bytes_per_microbatch"] = stage.saved_bytes_per_microbatch
+        record["microbatches_in_flight"] = stage.microbatches_in_flight
+        record["recompute_bytes"] = stage.recompute_bytes
+        record["activation_bytes"] = stage.activation_bytes
+        record["peak_bytes"] = stage.peak_bytes
+    return record
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -154,7 +234,13 @@ def to_json(report: Report) -> dict[str, Any]:
         "stages_per_rank": report.layout.stages_per_rank,
         "placement": report.layout.placement.kind,
         "stages": [
-            _stage_json(stage, cost, load, report.layout.pipe_rank_of(stage.stage))
+            _stage_json(
+                stage,
+                cost,
+                load,
+                report.layout.pipe_rank_of(stage.stage),
+                report.memory is not None,
+            )
             for stage, cost, load in costs
         ],
         "tied": [
@@ -170,4 +256,21 @@ def to_json(report: Report) -> dict[str, Any]:
         "bottleneck_stage": report.bottleneck_stage,
         "imbalance": plan.imbalance,
         "plan": plan.to_dict(),
+        **_memory_json(report),
+    }
+
+
+def _memory_json(report: Report) -> dict[str, Any]:
+    memory, options = report.memory, report.activations
+    if memory is None or options is None:
+        return {}
+    return {
+        "schedule": memory.schedule,
+        "n_microbatches": memory.n_microbatches,
+        "input_shape": list(options.input_shape),
+        "input_dtype": str(options.input_dtype).removeprefix("torch."),
+        "activation_checkpoint_interval": memory.activation_checkpoint_interval,
+        "rank_peak_bytes": list(memory.rank_peak_bytes),
+        "limiting_stage": memory.limiting_stage,
+        "limiting_rank": memory.limiting_rank,
     }

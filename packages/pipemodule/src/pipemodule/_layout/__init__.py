@@ -5,9 +5,11 @@ Everything a rank decides before talking to another rank lives here, as one froz
 compute exactly the same plan. Nothing in this package imports ``torch.distributed``.
 """
 
+from pipemodule._layout.activations import SavedTensorCounter, StageActivations, stage_activations
 from pipemodule._layout.arguments import check_layers
 from pipemodule._layout.facts import count_parameters, describe_layers, unique_layers
 from pipemodule._layout.fingerprint import ConstructionFingerprint, first_difference
+from pipemodule._layout.inflight import Action, ScheduleOrder, schedule_order
 from pipemodule._layout.layout import (
     PipelineArguments,
     PipelineLayout,
@@ -17,16 +19,27 @@ from pipemodule._layout.layout import (
     plan_pipeline,
     require_layer_per_stage,
 )
-from pipemodule._layout.memory import OPTIMIZER_STATES, StageMemory, estimate_stage_memory
+from pipemodule._layout.memory import (
+    OPTIMIZER_STATES,
+    MemoryPlan,
+    StageMemory,
+    estimate_stage_memory,
+    plan_memory,
+)
 from pipemodule._layout.placement import PLACEMENTS, StagePlacement
 from pipemodule._layout.ties import TieGroup, find_ties
 
 __all__ = [
     "OPTIMIZER_STATES",
     "PLACEMENTS",
+    "Action",
     "ConstructionFingerprint",
+    "MemoryPlan",
     "PipelineArguments",
     "PipelineLayout",
+    "SavedTensorCounter",
+    "ScheduleOrder",
+    "StageActivations",
     "StageMemory",
     "StagePlacement",
     "TieGroup",
@@ -39,7 +52,10 @@ __all__ = [
     "find_ties",
     "first_difference",
     "layout_of",
+    "plan_memory",
     "plan_pipeline",
     "require_layer_per_stage",
+    "schedule_order",
+    "stage_activations",
     "unique_layers",
 ]

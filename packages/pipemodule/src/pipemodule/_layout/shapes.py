@@ -21,10 +21,13 @@ from pipemodule._layout.layout import PipelineLayout
 from pipespec import LayerSpec, TiedLayerSpec
 
 __all__ = [
+    "MetaLayer",
     "StageShapes",
     "describe_values",
+    "meta_layer",
     "meta_like",
     "meta_sample",
+    "meta_tensors_only",
     "micro_batch_of",
     "stage_shapes",
 ]
@@ -80,20 +83,36 @@ def describe_values(value: Any) -> str:
 
 
 @contextmanager
-def _meta_tensors_only() -> Iterator[None]:
+def meta_tensors_only() -> Iterator[None]:
     # Layers that create tensors in forward (masks, position ids) without a device get meta
     # ones too; the RNG is left as it was.
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         yield
 
 
-def _meta_call(module: torch.nn.Module) -> Callable[[Any], Any]:
+@dataclass(frozen=True)
+class MetaLayer:
+    """One layer ready to run on meta, and the parameters and buffers it runs with.
+
+    ``state`` lets a caller tell a layer's own tensors from the activations it saves.
+    """
+
+    call: Callable[[Any], Any]
+    state: tuple[torch.Tensor, ...]
+    module: torch.nn.Module | None = None
+
+
+def _meta_call(module: torch.nn.Module) -> MetaLayer:
     """Run a built module with meta copies of its parameters and buffers (no copy of data)."""
     state = {
         name: torch.empty_like(tensor, device="meta").requires_grad_(tensor.requires_grad)
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]
     }
-    return lambda x: functional_call(module, state, (x,))
+    return MetaLayer(lambda x: functional_call(module, state, (x,)), tuple(state.values()), module)
+
+
+def _state_of(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    return (*module.parameters(), *module.buffers())
 
 
 def stage_shapes(layout: PipelineLayout, sample: Any) -> tuple[StageShapes, ...]:
@@ -110,7 +129,7 @@ def stage_shapes(layout: PipelineLayout, sample: Any) -> tuple[StageShapes, ...]
     x: Any = meta_like(sample, requires_grad=False)
     tied: dict[str, torch.nn.Module] = {}
     shapes: list[StageShapes] = []
-    with _meta_tensors_only():
+    with meta_tensors_only():
         for stage in range(layout.num_stages):
             inputs = x if isinstance(x, tuple) else (x,)
             for index in layout.layers_of(stage):
@@ -132,17 +151,26 @@ def stage_shapes(layout: PipelineLayout, sample: Any) -> tuple[StageShapes, ...]
 def _meta_forward(
     layout: PipelineLayout, index: int, tied: dict[str, torch.nn.Module]
 ) -> Callable[[Any], Any]:
+    return meta_layer(layout, index, tied).call
+
+
+def meta_layer(layout: PipelineLayout, index: int, tied: dict[str, torch.nn.Module]) -> MetaLayer:
+    """Layer ``index`` of ``layout`` built (or copied) on meta; call inside meta_tensors_only.
+
+    ``tied`` caches one module per tie key, as every stage holding the key builds one.
+    """
     layer = layout.layers[index]
     if isinstance(layer, TiedLayerSpec):
         if layer.key not in tied:
             tied[layer.key] = layer.build(device="meta")
         module = tied[layer.key]
         if layer.forward_fn is None:
-            return module
+            return MetaLayer(module, _state_of(module), module)
         forward_fn = layer.forward_fn
-        return lambda x: forward_fn(module, x)
+        return MetaLayer(lambda x: forward_fn(module, x), _state_of(module), module)
     if isinstance(layer, LayerSpec):
-        return layer.build(device="meta")
+        built = layer.build(device="meta")
+        return MetaLayer(built, _state_of(built), built)
     if isinstance(layer, torch.nn.Module):
         return _meta_call(layer)
-    return layer
+    return MetaLayer(layer, ())
