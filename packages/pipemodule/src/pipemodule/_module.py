@@ -10,21 +10,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipemodule._layout import PipelineLayout, check_pipeline_arguments, layout_of
+from pipemodule._layout import PipelineLayout, layout_of
 from pipemodule._stage.activation_checkpoint import CheckpointFn, activation_checkpoint
 from pipemodule._stage.agreement import agree_on_construction
 from pipemodule._stage.build import ForwardFunc, LayerBuilder
 from pipemodule._stage.checkpoint import layer_file, stage_files
-from pipemodule._stage.collective import run_on_every_rank
-from pipemodule._stage.device import resolve_device
-from pipemodule._stage.forward import run_layers
+from pipemodule._stage.collective import require_every_rank, run_on_every_rank
+from pipemodule._stage.construction import check_process_group, prepare_construction
+from pipemodule._stage.deepspeed_names import DeepSpeedModuleNames
+from pipemodule._stage.forward import contiguous_outputs, run_layers
 from pipemodule._stage.layer_checkpoint import load_layer_checkpoint, save_layer_checkpoint
-from pipemodule._stage.options import (
-    StageOptions,
-    check_checkpoint_interval,
-    refuse_instances,
-    require_initialised,
-)
+from pipemodule._stage.options import check_checkpoint_interval, require_initialised
 from pipemodule._stage.profile import measure_on_first_rank
 from pipemodule._stage.seeding import SeedFn, Seeding
 from pipemodule._stage.stage_module import StageModule
@@ -43,7 +39,7 @@ __all__ = ["PipelineModule"]
 logger = logging.getLogger(__name__)
 
 
-class PipelineModule(torch.nn.Module):
+class PipelineModule(DeepSpeedModuleNames, torch.nn.Module):
     """The local stage of a pipeline-parallel model, built from a list of layers.
 
     Every rank of the job constructs a ``PipelineModule`` from the same list; each keeps and
@@ -127,43 +123,39 @@ class PipelineModule(torch.nn.Module):
         stage_placement: str = "loop",
     ) -> None:
         super().__init__()
-        # 1. Check every argument locally: an error found after a collective would be a hang.
+        # 1-2. Check every argument and compute the layout, locally; 3. agree, before any group
+        # exists (ranks that disagree would create different groups). A rank whose local step
+        # raised still joins the agreement, which delivers its error to every rank.
         require_initialised()
-        options = StageOptions(
-            loss_fn=loss_fn,
-            seed_layers=seed_layers,
-            seed_fn=seed_fn,
-            base_seed=base_seed,
-            activation_checkpoint_interval=activation_checkpoint_interval,
-            activation_checkpoint_func=activation_checkpoint_func,
-            checkpointable_layers=StageOptions.layer_classes(checkpointable_layers),
+        world_size = check_process_group(process_group)
+        prepared, init_seed = agree_on_construction(
+            lambda: prepare_construction(
+                layers,
+                num_stages,
+                topology,
+                world_size,
+                loss_fn=loss_fn,
+                seed_layers=seed_layers,
+                seed_fn=seed_fn,
+                base_seed=base_seed,
+                partition_method=partition_method,
+                activation_checkpoint_interval=activation_checkpoint_interval,
+                activation_checkpoint_func=activation_checkpoint_func,
+                checkpointable_layers=checkpointable_layers,
+                device=device,
+                stage_speeds=stage_speeds,
+                stage_memory_limits=stage_memory_limits,
+                profile_input=profile_input,
+                stages_per_rank=stages_per_rank,
+                stage_placement=stage_placement,
+                refuse=PipelineModule,
+            ),
+            torch.initial_seed(),
+            process_group,
         )
-        arguments = check_pipeline_arguments(
-            layers,
-            num_stages,
-            topology=topology,
-            world_size=dist.get_world_size(process_group),
-            partition_method=partition_method,
-            stage_speeds=stage_speeds,
-            stage_memory_limits=stage_memory_limits,
-            stages_per_rank=stages_per_rank,
-            stage_placement=stage_placement,
-        )
-        refuse_instances(arguments.layers, PipelineModule, "nested pipelines are not supported")
-        if arguments.needs_profile and profile_input is None:
-            raise ValueError(
-                "partition_method='profile' measures each layer on a sample input: pass "
-                "profile_input=<a sample batch for the first layer>"
-            )
-        resolved_device = resolve_device(device)
-
-        # 2. The layout, unless it balances times that must be measured first.
-        layout = None if arguments.needs_profile else layout_of(arguments)
-
-        # 3. Agree, before any group exists: ranks that disagree create different groups.
-        fingerprint = arguments.fingerprint() if layout is None else layout.fingerprint()
-        init_seed = agree_on_construction(fingerprint, torch.initial_seed(), process_group)
+        options, arguments, resolved_device = prepared.options, prepared.arguments, prepared.device
         seeding = Seeding(seed_layers, seed_fn, base_seed, init_seed, resolved_device)
+        layout = prepared.layout
         if layout is None:
             costs = measure_on_first_rank(arguments.layers, profile_input, seeding, process_group)
             layout = layout_of(arguments, profile=costs)
@@ -183,11 +175,15 @@ class PipelineModule(torch.nn.Module):
             layout.layers, {key: tie.first_layer for key, tie in layout.ties.items()}, seeding
         )
         tied: dict[str, torch.nn.Module] = {}
-        built = run_on_every_rank(
-            f"building stage(s) {list(stage_ids)}",
-            lambda: [builder.build_stage(layout.layers_of(stage), tied) for stage in stage_ids],
-            self._grid.process_group,
-        )
+        try:
+            built = run_on_every_rank(
+                f"building stage(s) {list(stage_ids)}",
+                lambda: [builder.build_stage(layout.layers_of(stage), tied) for stage in stage_ids],
+                self._grid.process_group,
+            )
+        except BaseException:
+            self._grid.close()  # raised on every rank, so every rank gives its groups back
+            raise
 
         # DeepSpeed's public attributes, kept for compatibility; the working state is above.
         self.num_stages = layout.placement.pipe_ranks
@@ -236,6 +232,22 @@ class PipelineModule(torch.nn.Module):
         self.tied_comms: dict[str, TieLink] = link_ties(layout, self._grid, tied)
         self._synchronize_tied_weights()
 
+    def close(self) -> None:
+        """Give back this module's process groups (grid and ties); the layers stay usable.
+
+        Groups are shared by pipelines over the same ranks; one no live module uses is destroyed
+        (its connections, threads, file descriptors). Call it on every rank, as construction;
+        communicating afterwards raises. ``with PipelineModule(...) as model:`` closes on exit.
+        """
+        self.tied_comms = {}
+        self._grid.close()
+
+    def __enter__(self) -> PipelineModule:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _synchronize_tied_weights(self) -> None:
         for link in self.tied_comms.values():
             link.broadcast_from_owner()
@@ -273,39 +285,6 @@ class PipelineModule(torch.nn.Module):
         if len(self._stage_ids) == 1:
             return self._layout.layers_of(self._stage_ids[0])
         return tuple(i for stage in self._stage_ids for i in self._layout.layers_of(stage))
-
-    # ------------------------------------------------------------------ DeepSpeed accessors
-
-    def partitions(self) -> list[int]:
-        """Stage boundaries: stage ``s`` holds layers ``parts[s]`` to ``parts[s + 1] - 1``."""
-        return self.parts
-
-    def stage_owner(self, layer_idx: int) -> int:
-        """The stage that holds global layer ``layer_idx`` (see ``layout.pipe_rank_of``)."""
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
-            raise TypeError(f"layer_idx={layer_idx!r} is not an int; pass a global layer index")
-        num_layers = self._layout.num_layers
-        if not 0 <= layer_idx < num_layers:
-            raise ValueError(
-                f"layer_idx={layer_idx} is out of range: the pipeline has {num_layers} "
-                f"layers (0 to {num_layers - 1})"
-            )
-        return self._layout.stage_of(layer_idx)
-
-    def topology(self) -> ProcessTopology:
-        """The process topology (pipe x data x ...) of this pipeline."""
-        return self._layout.topology
-
-    @property
-    def _topo(self) -> ProcessTopology:
-        return self._layout.topology
-
-    def mpu(self) -> PipelineParallelGrid:
-        """The communication grid, with DeepSpeed's model-parallel-unit accessors."""
-        return self._grid
-
-    def num_pipeline_stages(self) -> int:
-        return self.num_stages
 
     # ------------------------------------------------------------------ ties
 
@@ -348,7 +327,7 @@ class PipelineModule(torch.nn.Module):
                 f"model.stages[i](...) (a schedule does so through pipeline_stages(model))"
             )
         self.micro_offset += 1
-        return run_layers(self, self.forward_funcs, self._first_layer, inputs)
+        return contiguous_outputs(run_layers(self, self.forward_funcs, self._first_layer, inputs))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -387,6 +366,7 @@ class PipelineModule(torch.nn.Module):
         Collective over the pipeline's process group: returns on every rank once every file is
         written, or raises on every rank if any rank failed.
         """
+        require_every_rank("save_state_dict()", self._grid.process_group)
         save_layer_checkpoint(self, Path(save_dir), exclude_frozen_params=exclude_frozen_params)
 
     def load_state_dir(self, load_dir: str | Path, strict: bool = True) -> None:
@@ -395,5 +375,6 @@ class PipelineModule(torch.nn.Module):
         Collective over the pipeline's process group. A missing or mismatched file raises on
         every rank, naming the layer and the path.
         """
+        require_every_rank("load_state_dir()", self._grid.process_group)
         load_layer_checkpoint(self, Path(load_dir), strict=strict)
         self._synchronize_tied_weights()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch.distributed import ProcessGroup
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 logger = logging.getLogger(__name__)
+
+_Grid = TypeVar("_Grid", bound="GridCore")
 
 
 class GridCore:
@@ -246,6 +248,30 @@ class GridCore:
     def local_group_creation_calls(self) -> int:
         """How many single-rank groups this rank created on its own (no other rank took part)."""
         return self._cache.local_calls
+
+    def close(self) -> None:
+        """Give back this grid's process groups; groups no other live grid uses are destroyed.
+
+        Groups are shared between grids over the same ranks, so constructing one grid after
+        another does not add groups; ``close()`` frees them (their connections, file
+        descriptors and threads) once no grid needs them. Like construction it is collective
+        in order: every rank of the grid must close it, in the same order relative to
+        creating other grids or groups. Afterwards every group accessor raises
+        ``RuntimeError``; closing twice does nothing. The grid is also a context manager that
+        closes on exit.
+        """
+        self._cache.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._cache.closed
+
+    def __enter__(self: _Grid) -> _Grid:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def to_device_mesh(self, device_type: str) -> DeviceMesh:
         """The grid as a `torch.distributed.DeviceMesh` with ``mesh_dim_names`` = the axes.

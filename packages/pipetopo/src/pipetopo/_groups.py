@@ -34,6 +34,7 @@ convention (``group=None`` is the default group). Only the DeepSpeed and Megatro
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import torch.distributed as dist
@@ -150,6 +151,68 @@ def uses_split_group() -> bool:
     return default_group_bound_to_device() and hasattr(dist, "split_group")
 
 
+class SharedGroups:
+    """The groups every grid of this process created, by global ranks, with a count of users.
+
+    [Note: groups are shared between grids]
+    Each group costs its backend connections, file descriptors and threads until it is
+    destroyed, so a job that constructs one pipeline after another (a sweep, a test suite)
+    would otherwise grow by every grid's groups. Grids therefore take the group of a set of
+    global ranks from here and create it only when no live grid holds it. Every rank sees the
+    same constructions and closes in the same order (both are collective), so every rank's
+    registry holds the same sets, and a hit skips the creating call on every rank at once, as
+    [Note: one creation order] needs. Non-members record None, so they count users too.
+    The registry belongs to one default group: a new ``init_process_group`` starts it afresh.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[int, ...], ProcessGroup | None] = {}
+        self._users: dict[tuple[int, ...], int] = {}
+
+    def get(self, ranks: tuple[int, ...]) -> tuple[bool, ProcessGroup | None]:
+        """``(found, group)`` for a set of global ranks."""
+        return (ranks in self._groups, self._groups.get(ranks))
+
+    def acquire(self, ranks: tuple[int, ...], group: ProcessGroup | None) -> None:
+        """Count one more user of the group of ``ranks`` (recorded now if new)."""
+        self._groups.setdefault(ranks, group)
+        self._users[ranks] = self._users.get(ranks, 0) + 1
+
+    def release(self, ranks: tuple[int, ...]) -> None:
+        """Count one user less; the last one destroys the group (unless another set shares it)."""
+        users = self._users.get(ranks, 0) - 1
+        if users > 0:
+            self._users[ranks] = users
+            return
+        self._users.pop(ranks, None)
+        group = self._groups.pop(ranks, None)
+        if group is None or any(other is group for other in self._groups.values()):
+            return
+        logger.debug("destroying the process group of global ranks %s", list(ranks))
+        dist.destroy_process_group(group)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+_shared: tuple[weakref.ref[ProcessGroup], SharedGroups] | None = None
+
+
+def shared_groups() -> SharedGroups:
+    """The registry of the current default group ([Note: groups are shared between grids])."""
+    global _shared
+    world = dist.group.WORLD
+    if not isinstance(world, ProcessGroup):
+        raise RuntimeError(
+            "torch.distributed has no default process group; call "
+            "torch.distributed.init_process_group(...) before building a grid."
+        )
+    # A weak reference: the registry must not keep the default group alive (see the Note).
+    if _shared is None or _shared[0]() is not world:
+        _shared = (weakref.ref(world), SharedGroups())
+    return _shared[1]
+
+
 class GroupCache:
     """The groups of one grid, keyed by their sorted topology ranks, in their kept form.
 
@@ -178,6 +241,7 @@ class GroupCache:
         self._split = uses_split_group()
         # None marks a set created by every rank that this rank is not a member of.
         self._groups: dict[tuple[int, ...], ProcessGroup | None] = {}
+        self._closed = False
         self.collective_calls = 0
         """Group-creating calls this rank made that every rank of the grid made too."""
         self.local_calls = 0
@@ -192,6 +256,7 @@ class GroupCache:
         Raises:
             LookupError: the set was never created, or this rank is not in it.
         """
+        self._require_open()
         if len(ranks) == self._world_size:
             return self.process_group
         group = self._groups.get(ranks)
@@ -204,23 +269,65 @@ class GroupCache:
 
         Collective over the grid's group: every rank passes the same sets in the same order.
         The sets of one call must not overlap when groups are split (one family per call).
+        A set some live grid already created is shared ([Note: groups are shared between
+        grids]) and costs no call.
         """
-        pending = [
-            ranks
-            for ranks in dict.fromkeys(rank_sets)
-            if len(ranks) != self._world_size and ranks not in self._groups
-        ]
+        self._require_open()
+        shared = shared_groups()
+        pending = []
+        for ranks in dict.fromkeys(rank_sets):
+            if len(ranks) == self._world_size or ranks in self._groups:
+                continue
+            if len(ranks) == 1 and ranks[0] != self._rank and not self._split:
+                continue  # created by its only member alone, see [Note: one creation order]
+            found, group = shared.get(self._global_key(ranks))
+            if found:
+                self._hold(ranks, group)
+            else:
+                pending.append(ranks)
         if self._split:
             self._split_groups(pending)
             return
         for ranks in pending:
-            if len(ranks) == 1:
-                if ranks[0] == self._rank:
-                    self._groups[ranks] = self._new_group(ranks, local=True)
-                    self.local_calls += 1
+            local = len(ranks) == 1
+            self._hold(ranks, self._new_group(ranks, local=local))
+            if local:
+                self.local_calls += 1
             else:
-                self._groups[ranks] = self._new_group(ranks, local=False)
                 self.collective_calls += 1
+
+    def close(self) -> None:
+        """Give back this grid's groups; a group no other live grid holds is destroyed.
+
+        Every rank must close its grids in the same order relative to constructing others
+        ([Note: groups are shared between grids]). Closing twice does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        shared = shared_groups() if dist.is_initialized() else None
+        for ranks in self._groups:
+            if shared is not None:
+                shared.release(self._global_key(ranks))
+        self._groups.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this grid was closed (close() gave its process groups back); build a new "
+                "PipelineParallelGrid (or PipelineModule) to communicate again."
+            )
+
+    def _global_key(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.to_global(r) for r in ranks)
+
+    def _hold(self, ranks: tuple[int, ...], group: ProcessGroup | None) -> None:
+        self._groups[ranks] = group
+        shared_groups().acquire(self._global_key(ranks), group)
 
     def _new_group(self, ranks: tuple[int, ...], *, local: bool) -> ProcessGroup | None:
         """``new_group`` of the ranks; None on non-members (torch returns a sentinel int)."""
@@ -247,4 +354,4 @@ class GroupCache:
         )
         self.collective_calls += 1
         for ranks in pending:
-            self._groups[ranks] = group if self._rank in ranks else None
+            self._hold(ranks, group if self._rank in ranks else None)

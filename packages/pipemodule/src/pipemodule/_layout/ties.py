@@ -8,10 +8,10 @@ from types import MappingProxyType
 
 from pipemodule._layout.placement import StagePlacement
 from pipepartition import PartitionPlan
-from pipespec import Layer, TiedLayerSpec
+from pipespec import Layer, TiedLayerSpec, resolve_tied_attr
 from pipetopo import ProcessTopology
 
-__all__ = ["TieGroup", "find_ties", "tie_groups"]
+__all__ = ["TieGroup", "check_tied_attrs", "find_ties", "tie_groups"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,32 @@ def find_ties(layers: Sequence[Layer]) -> dict[str, tuple[int, ...]]:
                     f"forward_fn to use the module differently), or use different keys"
                 )
         ties[key] = (first_index, *(index for index, _ in others))
+        check_tied_attrs(key, first_index, first)
     return ties
+
+
+def check_tied_attrs(key: str, index: int, spec: TiedLayerSpec) -> None:
+    """Refuse a ``tied_weight_attr`` that names no tensor of the module, checked on meta.
+
+    The copies are linked only after the grid's collectives, and not at all with one stage, so
+    without this check a typo surfaces late, on the holding ranks only, or never. Building on
+    meta allocates nothing; a class that cannot be built there is left to the real build.
+    """
+    try:
+        module = spec.build(device="meta")
+    except Exception:  # not meta-constructible: the real build reports its own errors
+        return
+    for attr in spec.tied_weight_attr:
+        try:
+            resolve_tied_attr(module, attr)
+        except (AttributeError, TypeError) as error:
+            tensors = [name for name, _ in module.named_parameters()]
+            tensors += [name for name, _ in module.named_buffers()]
+            raise ValueError(
+                f"tied_weight_attr={attr!r} of tie key {key!r} (layer {index}, {spec!r}) names "
+                f"no tensor of the module: {error}. Its tensors are {tensors[:8]}"
+                f"{' ...' if len(tensors) > 8 else ''}; pass one of those"
+            ) from None
 
 
 def tie_groups(
