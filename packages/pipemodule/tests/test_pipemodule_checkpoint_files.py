@@ -10,7 +10,7 @@ import torch
 from pipemodule import LayerSpec, PipelineModule
 from pipemodule._resume import CheckpointError
 from pipemodule._stage import checkpoint
-from pipemodule.examples import gpt_layers
+from pipemodule.examples import FeedForwardBlock, gpt_layers
 from pipetopo.testing import world_of_one
 
 
@@ -87,3 +87,20 @@ def test_files_without_a_manifest_still_load(tmp_path: Path) -> None:
         target = PipelineModule([LayerSpec(torch.nn.Linear, 4, 4)], num_stages=1, device="cpu")
         target.load_state_dir(tmp_path)
         assert torch.equal(target.get_parameter("0.weight"), source.get_parameter("0.weight"))
+
+
+def test_frozen_parameters_left_out_on_purpose_are_not_missing(tmp_path: Path) -> None:
+    with world_of_one():
+        torch.manual_seed(0)
+        saved = PipelineModule([LayerSpec(FeedForwardBlock, 4)], num_stages=1, device="cpu")
+        for name, parameter in saved.named_parameters():
+            parameter.requires_grad_(not name.endswith("bias"))
+        saved.save_state_dict(tmp_path, exclude_frozen_params=True)
+        torch.manual_seed(1)
+        loaded = PipelineModule([LayerSpec(FeedForwardBlock, 4)], num_stages=1, device="cpu")
+        for name, parameter in loaded.named_parameters():
+            parameter.requires_grad_(not name.endswith("bias"))
+        frozen_before = loaded.get_parameter("0.up.bias").detach().clone()
+        loaded.load_state_dir(tmp_path)  # strict=True by default
+        assert torch.equal(loaded.get_parameter("0.up.weight"), saved.get_parameter("0.up.weight"))
+        assert torch.equal(loaded.get_parameter("0.up.bias"), frozen_before)

@@ -252,7 +252,7 @@ def load_layer_files(
         entries, directory, rank_repr, map_location=map_location, strict=strict
     )
     for module, state in checked:
-        module.load_state_dict(state, strict=strict)
+        module.load_state_dict(state, strict=False)  # checked by read_layer_files
 
 
 def _missing(path: Path, layer_index: int) -> str:
@@ -292,7 +292,10 @@ def _check_fits(
     expected = module.state_dict()
     problems = []
     if strict:
-        missing = sorted(expected.keys() - state.keys())
+        # Frozen parameters are what save_state_dict(exclude_frozen_params=True) leaves out on
+        # purpose: their absence keeps the model's own values, it is not a missing key.
+        frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+        missing = sorted(expected.keys() - state.keys() - frozen)
         unexpected = sorted(state.keys() - expected.keys())
         if missing:
             problems.append(f"missing keys {missing}")

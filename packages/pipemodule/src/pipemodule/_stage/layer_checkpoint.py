@@ -49,4 +49,5 @@ def load_layer_checkpoint(module: PipelineModule, directory: Path, *, strict: bo
         module.grid.process_group,
     )
     for target, state in checked:
-        target.load_state_dict(state, strict=strict)
+        # Checked above (frozen parameters may be absent); strict=False only lets them be.
+        target.load_state_dict(state, strict=False)
