@@ -6,13 +6,22 @@ same layout a ``PipelineModule`` is built from, without a process group or a dev
 """
 
 from pipemodule.__about__ import __version__
+from pipemodule._data_parallel import (
+    DATA_PARALLEL_MODES,
+    DataParallelPlan,
+    data_parallel_of,
+    shard_data_parallel,
+)
 from pipemodule._layout import (
     OPTIMIZER_STATES,
+    MemoryPlan,
     PipelineLayout,
+    SavedTensorCounter,
     StageMemory,
     TieGroup,
     count_parameters,
     estimate_stage_memory,
+    plan_memory,
     plan_pipeline,
 )
 from pipemodule._module import PipelineModule
@@ -39,10 +48,13 @@ from pipetopo import (
 )
 
 __all__ = [
+    "DATA_PARALLEL_MODES",
     "OPTIMIZER_STATES",
     "SCHEDULES",
     "CheckpointError",
+    "DataParallelPlan",
     "LayerSpec",
+    "MemoryPlan",
     "NonFiniteGradientsError",
     "PipeDataParallelTopology",
     "PipeModelDataParallelTopology",
@@ -52,6 +64,7 @@ __all__ = [
     "PipelineRankError",
     "PipelineTrainer",
     "ProcessTopology",
+    "SavedTensorCounter",
     "StageMemory",
     "StageModule",
     "TieGroup",
@@ -63,6 +76,7 @@ __all__ = [
     "build_schedule",
     "clip_grad_norm_",
     "count_parameters",
+    "data_parallel_of",
     "default_seed_fn",
     "estimate_stage_memory",
     "global_grad_norm",
@@ -70,6 +84,8 @@ __all__ = [
     "load_checkpoint",
     "pipeline_stage",
     "pipeline_stages",
+    "plan_memory",
     "plan_pipeline",
     "save_checkpoint",
+    "shard_data_parallel",
 ]

@@ -34,12 +34,13 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from pipemodule._checks import positive_int
-from pipemodule._data_parallel import stage_modules
+from pipemodule._data_parallel import check_split_backward, stage_modules
 from pipemodule._layout.shapes import StageShapes, describe_values, meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 
 __all__ = [
     "SCHEDULES",
+    "SPLIT_BACKWARD",
     "build_schedule",
     "pipeline_stage",
     "pipeline_stages",
@@ -64,6 +65,8 @@ SCHEDULES: dict[str, type[Schedule]] = {
 """torch's schedules by lower-case name; any case is accepted (torch's ``get_schedule_class``)."""
 
 _V_SCHEDULES = (ScheduleZBVZeroBubble, ScheduleDualPipeV)
+SPLIT_BACKWARD = (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV)
+"""Schedules that run a stage's backward as separate input and weight passes."""
 _ROUND_SCHEDULES = (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
 
 
@@ -87,9 +90,7 @@ def schedule_class(schedule: object) -> type[Schedule]:
     return found
 
 
-def check_schedule(
-    module: PipelineModule, cls: type[Schedule], n_microbatches: int
-) -> None:
+def check_schedule(module: PipelineModule, cls: type[Schedule], n_microbatches: int) -> None:
     """Raise unless ``module``'s placement and ``n_microbatches`` fit schedule ``cls``."""
     name = cls.__name__.removeprefix("Schedule")
     placement = module.layout.placement
@@ -208,6 +209,8 @@ def build_schedule(
     cls = schedule_class(schedule)
     positive_int("n_microbatches", n_microbatches)
     check_schedule(module, cls, n_microbatches)
+    if issubclass(cls, SPLIT_BACKWARD):
+        check_split_backward(module, schedule)
     loss = loss_fn if loss_fn is not None else module.loss_fn
     if loss is None:
         raise ValueError(

@@ -11,12 +11,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from pipemodule._checks import positive_int
+from pipemodule._data_parallel import (
+    average_data_parallel_gradients,
+    data_parallel_of,
+    reshard_stages,
+    shard_data_parallel,
+    sum_tied_gradients,
+)
 from pipemodule._layout.shapes import meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 from pipemodule._resume import load_checkpoint, save_checkpoint
-from pipemodule._schedules import build_schedule, check_loss_on_meta
+from pipemodule._schedules import (
+    SPLIT_BACKWARD,
+    build_schedule,
+    check_loss_on_meta,
+    schedule_class,
+)
 from pipemodule._step_plan import StepFacts, agree_on_step
 
 __all__ = [
@@ -34,32 +47,6 @@ class NonFiniteGradientsError(RuntimeError):
     """Raised on every rank when too many consecutive steps had non-finite gradients."""
 
 
-def average_data_parallel_gradients(module: PipelineModule) -> None:
-    """Average every gradient over the data-parallel replicas (collective over the data group).
-
-    Gradients are flattened into one buffer per dtype, so a step costs one all-reduce per dtype
-    rather than one per parameter.
-    """
-    grid = module.grid
-    replicas = grid.axis_size("data")
-    if replicas == 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for parameter in module.parameters():
-        if parameter.requires_grad:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            by_dtype.setdefault(parameter.grad.dtype, []).append(parameter.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([grad.reshape(-1) for grad in grads])
-        dist.all_reduce(flat, group=grid.axis_group("data"))
-        flat /= replicas
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-
-
 def global_grad_norm(module: PipelineModule) -> float:
     """The L2 norm of the whole pipeline's gradients, each tensor counted once (see below).
 
@@ -68,13 +55,24 @@ def global_grad_norm(module: PipelineModule) -> float:
     grid = module.grid
     first_slice = "model" not in grid.axes or grid.axis_rank("model") == 0
     squares = torch.zeros((), dtype=torch.float64, device=module.device)
+    sharded = torch.zeros((), dtype=torch.float64, device=module.device)
     for p in module.parameters():
+        grad = p.grad
         if (
-            p.grad is not None
+            grad is not None
             and not module.is_tied_copy(p)
             and (first_slice or getattr(p, "tensor_model_parallel", False))
         ):
-            squares += p.grad.detach().double().pow(2).sum()
+            if isinstance(grad, DTensor):
+                sharded += grad.to_local().detach().double().pow(2).sum()
+            else:
+                squares += grad.detach().double().pow(2).sum()
+    plan = data_parallel_of(module)
+    # The mode is the same on every rank (shard_data_parallel compares it), so either every
+    # rank of a data group joins this all-reduce of the shards' squares or none does.
+    if plan is not None and plan.shards:
+        dist.all_reduce(sharded, group=grid.axis_group("data"))
+    squares += sharded
     dist.all_reduce(squares, group=grid.replica_group())
     return math.sqrt(float(squares))
 
@@ -141,20 +139,37 @@ class PipelineTrainer:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         return_outputs: bool = False,
         max_consecutive_skips: int | None = 10,
+        accumulation_steps: int = 1,
     ) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(
                 f"max_grad_norm={max_grad_norm!r} must be > 0, or None to disable clipping"
             )
+        positive_int("accumulation_steps", accumulation_steps)
+        if max_consecutive_skips is not None:
+            positive_int("max_consecutive_skips", max_consecutive_skips)
         self.module = module
         self.optimizer = optimizer
         self.n_microbatches = n_microbatches
         self.max_grad_norm = max_grad_norm
-        # Checks the schedule against the module now, on every rank; replaced at the first step
-        # by one with static stage shapes.
-        self.schedule = build_schedule(module, n_microbatches, schedule, loss_fn)
-        self._schedule_name = schedule
+        self.accumulation_steps = accumulation_steps
+        """``train_step`` calls per optimizer step; the loss is the mean over all their
+        micro-batches."""
+        self.accumulated_calls = 0
+        """``train_step`` calls made since the last optimizer step (or skip)."""
         self._loss_fn = loss_fn
+        self._step_loss = _accumulated_loss(loss_fn or module.loss_fn, accumulation_steps)
+        # Checks the schedule against the module now, on every rank, before any collective;
+        # replaced at the first step by one with static stage shapes.
+        self.schedule = build_schedule(module, n_microbatches, schedule, self._step_loss)
+        if data_parallel_of(module) is None and module.grid.axis_size("data") > 1:
+            # The default mode: DDP's overlapped, bucketed average. It leaves the parameters
+            # as they are, so the optimizer made before still holds them.
+            # The zero-bubble schedules split backward, which DDP cannot follow.
+            split = issubclass(schedule_class(schedule), SPLIT_BACKWARD)
+            shard_data_parallel(module, overlap=not split)
+            self.schedule = build_schedule(module, n_microbatches, schedule, self._step_loss)
+        self._schedule_name = schedule
         self._plans: dict[Any, Any] = {}
         self._first_facts: StepFacts | None = None
         self.lr_scheduler = lr_scheduler
@@ -163,8 +178,6 @@ class PipelineTrainer:
         self.last_grad_norm: float | None = None
         self.step_count = 0
         """Optimizer steps taken (restored by :meth:`load_checkpoint`)."""
-        if max_consecutive_skips is not None:
-            positive_int("max_consecutive_skips", max_consecutive_skips)
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps = 0
         """Steps skipped because the gradients were not finite (inf/NaN), in total."""
@@ -206,7 +219,7 @@ class PipelineTrainer:
         if facts.labels is not None:
             check_loss_on_meta(self._loss_fn or self.module.loss_fn, shapes, facts.labels)
         schedule = build_schedule(
-            self.module, self.n_microbatches, self._schedule_name, self._loss_fn, shapes=shapes
+            self.module, self.n_microbatches, self._schedule_name, self._step_loss, shapes=shapes
         )
         if len(self._plans) >= self._PLANS_KEPT:
             self._plans.pop(next(iter(self._plans)))
@@ -220,8 +233,13 @@ class PipelineTrainer:
         The loss is averaged over micro-batches and data-parallel replicas and returned on every
         rank. With ``return_outputs=True`` the last stage's merged outputs of the step are kept
         in :attr:`last_outputs` (they cost the logits of every micro-batch).
+
+        With ``accumulation_steps=k`` the optimizer steps at every k-th call; the other calls
+        only add their gradients, each micro-batch's loss divided by ``k * n_microbatches``, so
+        the step follows the mean loss over all micro-batches of the k calls.
         """
-        self.optimizer.zero_grad(set_to_none=False)
+        if self.accumulated_calls == 0:
+            self.optimizer.zero_grad(set_to_none=False)
         losses: list[torch.Tensor] = []
         call = self._arguments(inputs, labels)
         args = call.pop("args")
@@ -229,7 +247,13 @@ class PipelineTrainer:
             call["losses"] = losses
         outputs = self.schedule.step(*args, return_outputs=self.return_outputs, **call)
         self.last_outputs = outputs if self.return_outputs else None
-        self.module.allreduce_tied_weight_gradients()
+        self.accumulated_calls += 1
+        if self.accumulated_calls < self.accumulation_steps:
+            # DDP and FSDP already averaged this call's gradients into the accumulated ones
+            # (an average of sums is the sum of averages); the tied sums wait for the step.
+            return self._mean_loss(losses)
+        self.accumulated_calls = 0
+        sum_tied_gradients(self.module)
         average_data_parallel_gradients(self.module)
         norm = global_grad_norm(self.module)
         self.last_grad_norm = norm
@@ -276,6 +300,7 @@ class PipelineTrainer:
             call["losses"] = losses
         with torch.no_grad():
             self.schedule.eval(*args, **call)
+        reshard_stages(self.module)
         return self._mean_loss(losses)
 
     def _mean_loss(self, losses: list[torch.Tensor]) -> float:
@@ -290,4 +315,19 @@ class PipelineTrainer:
         if grid.axis_size("data") > 1:
             dist.all_reduce(total, group=grid.axis_group("data"))
             total /= grid.axis_size("data")
-        return float(total)
+        # Each loss was also divided by accumulation_steps (see _accumulated_loss).
+        return float(total) * self.accumulation_steps
+
+
+def _accumulated_loss(
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None, accumulation_steps: int
+) -> Callable[[Any, Any], torch.Tensor] | None:
+    """``loss_fn`` divided by ``accumulation_steps``: torch's per-call ``scale_grads`` cannot
+    see calls, so the scaling over calls is in the loss, as the micro-batch scaling is."""
+    if loss_fn is None or accumulation_steps == 1:
+        return loss_fn
+
+    def accumulated(outputs: Any, target: Any) -> torch.Tensor:
+        return loss_fn(outputs, target) / accumulation_steps
+
+    return accumulated

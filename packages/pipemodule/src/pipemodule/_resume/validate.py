@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.metadata import (
     Metadata,
     TensorStorageMetadata,
 )
+from torch.distributed.tensor import DTensor
 
 from pipemodule._resume.state import (
     EXTRA,
@@ -144,7 +145,9 @@ def read_plan(
     for name, tensor in module.state_dict().items():
         targets[model_key(module, name)] = torch.empty_like(tensor)
 
-    def add_tree(key: str, *, required: bool) -> None:
+    parameters = dict(module.named_parameters())
+
+    def add_tree(key: str, *, required: bool, like: torch.Tensor | None = None) -> None:
         entry = entries.get(key)
         if entry is None and not required:
             return
@@ -158,10 +161,16 @@ def read_plan(
             item = entries[name]
             if not isinstance(item, TensorStorageMetadata):
                 raise CheckpointError(f"the checkpoint's {name!r} entry is not a tensor")
-            targets[name] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+            size, dtype = tuple(item.size), item.properties.dtype
+            if isinstance(like, DTensor) and size == tuple(like.shape):
+                # A sharded parameter's state is read as its shard: DCP reads the part this
+                # rank holds, from however the saving run held it (whole or sharded).
+                targets[name] = torch.empty_like(like, dtype=dtype)
+            else:
+                targets[name] = torch.empty(size, dtype=dtype)
 
     for name in set(optimizer_names(module, trainer.optimizer)):
-        add_tree(optimizer_state_key(module, name), required=False)
+        add_tree(optimizer_state_key(module, name), required=False, like=parameters.get(name))
     add_tree(GROUPS, required=True)
     add_tree(TRAINER, required=True)
     if trainer.lr_scheduler is not None:
