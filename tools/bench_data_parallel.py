@@ -38,7 +38,7 @@ def _worker(vocab: int, hidden: int, depth: int, rounds: int, steps: int) -> dic
     import torch.nn.functional as F  # noqa: N812
 
     from pipemodule import PipelineModule, PipelineTrainer, shard_data_parallel
-    from pipemodule._data_parallel import local_bytes
+    from pipemodule._gradients import local_bytes
     from pipemodule.examples import gpt_layers
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map_only
 
@@ -61,14 +60,10 @@ __all__ = [
     "PRECISIONS",
     "DataParallelPlan",
     "DataParallelStage",
-    "average_data_parallel_gradients",
     "check_split_backward",
     "data_parallel_of",
-    "local_bytes",
-    "reshard_stages",
     "shard_data_parallel",
     "stage_modules",
-    "sum_tied_gradients",
 ]
 
 DATA_PARALLEL_MODES = ("replicate", "fsdp", "zero2")
@@ -346,63 +341,3 @@ def _replicate(
         bucket_cap_mb=bucket_cap_mb,
         **no_buffer_sync,
     )
-
-
-def sum_tied_gradients(module: PipelineModule) -> None:
-    """Sum each tie's gradients over the stages holding a copy; sharded ones shard by shard.
-
-    See [Note: tied parameters under FSDP]. Collective over each tie group.
-    """
-    for link in module.tied_comms.values():
-        for tensor in link.tensors():
-            if tensor.grad is None:
-                tensor.grad = torch.zeros_like(tensor)
-            grad = tensor.grad
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
-            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=link.group)
-
-
-def reshard_stages(module: PipelineModule) -> None:
-    """Free FSDP's gathered parameters (after a forward-only pass in 'zero2'); local."""
-    plan = data_parallel_of(module)
-    if plan is None or not plan.shards:
-        return
-    for stage in plan.stages:
-        if isinstance(stage, FSDPModule):
-            stage.reshard()
-
-
-def average_data_parallel_gradients(module: PipelineModule) -> None:
-    """Average over the data-parallel replicas what no wrapper averaged (collective, data group).
-
-    Without :func:`shard_data_parallel` that is every gradient: they are flattened into one
-    buffer per dtype, so a step costs one all-reduce per dtype rather than one per parameter.
-    With it, only the tied parameters remain (their wrappers' average already ran during
-    backward); see [Note: the data-parallel average is applied once].
-    """
-    grid = module.grid
-    replicas = grid.axis_size("data")
-    if replicas == 1:
-        return
-    plan = data_parallel_of(module)
-    parameters = list(module.parameters()) if plan is None else list(plan.reduced_after)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for parameter in parameters:
-        if parameter.requires_grad:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            by_dtype.setdefault(parameter.grad.dtype, []).append(parameter.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([grad.reshape(-1) for grad in grads])
-        dist.all_reduce(flat, group=grid.axis_group("data"))
-        flat /= replicas
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-
-
-def local_bytes(tensor: torch.Tensor) -> int:
-    """The bytes ``tensor`` holds on this rank: a DTensor's local shard only."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.numel() * local.element_size()
