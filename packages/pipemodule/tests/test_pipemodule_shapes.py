@@ -120,9 +120,14 @@ def test_a_shape_change_without_dynamic_shape_fails_on_every_rank() -> None:
         assert "dynamic_shape=True" in message
 
 
+def _per_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
+
+
 def _bad_batch(case: str) -> str:
     torch.manual_seed(0)
-    module = PipelineModule(gpt_layers(VOCAB, HIDDEN, 2), num_stages=2, loss_fn=_loss, device="cpu")
+    loss = _per_token_loss if case == "a loss that is not a scalar" else _loss
+    module = PipelineModule(gpt_layers(VOCAB, HIDDEN, 2), num_stages=2, loss_fn=loss, device="cpu")
     trainer = PipelineTrainer(module, torch.optim.SGD(module.parameters(), lr=LR), n_microbatches=2)
     inputs, labels = _batch(0, 8)
     if case == "no labels on the last stage" and module.holds_last_stage:
@@ -144,6 +149,7 @@ def _bad_batch(case: str) -> str:
         ("no labels on the last stage", "labels=None on the rank holding the last stage"),
         ("odd batch on the first stage", "batch size 3, which does not split"),
         ("float inputs", "failed on the meta device"),
+        ("a loss that is not a scalar", "it must return a scalar tensor"),
     ],
 )
 def test_a_bad_batch_fails_on_every_rank_at_once(case: str, expected: str) -> None:
