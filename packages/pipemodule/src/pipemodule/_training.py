@@ -131,6 +131,11 @@ class PipelineTrainer:
     planned on the meta device. A batch whose shapes differ from the first one's is planned
     again when the module was built with ``dynamic_shape=True``, and refused otherwise, on every
     rank, before anything is sent.
+
+    Data parallelism is the module's plan (:func:`pipemodule.shard_data_parallel`: 'replicate',
+    'fsdp' or 'zero2'); without one, replicas are averaged with DDP per stage. A step whose global
+    gradient norm is not finite is skipped on every rank (``skipped_steps``), and
+    ``accumulation_steps=k`` takes one optimizer step per k calls.
     """
 
     _PLANS_KEPT = 8
