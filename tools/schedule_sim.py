@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pipemodule import SCHEDULES as PIPESTACK_SCHEDULES
+
 __all__ = [
     "SCHEDULES",
     "Action",
@@ -56,16 +58,10 @@ __all__ = [
 
 Kind = Literal["F", "I", "W", "B", "SEND_F", "SEND_B"]
 
-SCHEDULES: tuple[str, ...] = (
-    "GPipe",
-    "1F1B",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-    "DualPipeV",
+SCHEDULES: tuple[str, ...] = tuple(
+    cls.__name__.removeprefix("Schedule") for cls in PIPESTACK_SCHEDULES.values()
 )
-"""torch 2.13's schedule names, as ``get_schedule_class`` accepts them."""
+"""torch 2.13's schedule names, as ``get_schedule_class`` accepts them (pipestack's list)."""
 
 _SINGLE = ("GPipe", "1F1B")
 _KINDS: dict[str, Kind] = {

@@ -157,7 +157,9 @@ class PipelineModule(DeepSpeedModuleNames, torch.nn.Module):
         seeding = Seeding(seed_layers, seed_fn, base_seed, init_seed, resolved_device)
         layout = prepared.layout
         if layout is None:
-            costs = measure_on_first_rank(arguments.layers, profile_input, seeding, process_group)
+            costs = measure_on_first_rank(
+                arguments.layers, profile_input, seeding, process_group, arguments.tie_layers
+            )
             layout = layout_of(arguments, profile=costs)
 
         # 4. The grid: the process groups of the topology.

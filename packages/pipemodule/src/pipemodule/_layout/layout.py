@@ -187,6 +187,8 @@ class PipelineArguments:
     placement: StagePlacement
     stage_speeds: tuple[float, ...] | None
     stage_memory_limits: tuple[float, ...] | None
+    tie_layers: Mapping[str, tuple[int, ...]]
+    """Every tie key's layer indices, as :func:`find_ties` checked them."""
 
     @property
     def needs_profile(self) -> bool:
@@ -217,7 +219,8 @@ def check_pipeline_arguments(
     placement = StagePlacement.of(stage_placement, resolved.get_dim("pipe"), stages_per_rank)
     stages = placement.num_stages
     require_layer_per_stage(len(checked), None, stages)
-    find_ties(checked)  # occurrences of a key that build different modules: refused now
+    # Occurrences of a key that build different modules, or name no tensor, are refused now.
+    tie_layers = find_ties(checked)
     return PipelineArguments(
         layers=checked,
         topology=resolved,
@@ -225,6 +228,7 @@ def check_pipeline_arguments(
         placement=placement,
         stage_speeds=per_stage("stage_speeds", stage_speeds, stages),
         stage_memory_limits=per_stage("stage_memory_limits", stage_memory_limits, stages),
+        tie_layers=tie_layers,
     )
 
 
@@ -315,6 +319,8 @@ def layout_of(
         method=arguments.method,
         plan=plan,
         placement=arguments.placement,
-        ties=tie_groups(layers, plan, arguments.topology, arguments.placement),
+        ties=tie_groups(
+            layers, plan, arguments.topology, arguments.placement, arguments.tie_layers
+        ),
         infos=infos,
     )

@@ -114,11 +114,15 @@ def tie_groups(
     plan: PartitionPlan,
     topology: ProcessTopology,
     placement: StagePlacement,
+    found: Mapping[str, tuple[int, ...]],
 ) -> Mapping[str, TieGroup]:
-    """Every tie key of ``layers`` with its holders under ``plan``, in sorted key order."""
+    """Every tie key of ``layers`` (``found`` by :func:`find_ties`) with its holders under ``plan``.
+
+    Keys in sorted order.
+    """
     pipe_lines = topology.get_axis_comm_lists("pipe")
     groups: dict[str, TieGroup] = {}
-    for key, indices in find_ties(layers).items():
+    for key, indices in found.items():
         spec = layers[indices[0]]
         if not isinstance(spec, TiedLayerSpec):  # find_ties only indexes TiedLayerSpecs
             raise TypeError(f"layer {indices[0]} of tie key {key!r} is not a TiedLayerSpec")

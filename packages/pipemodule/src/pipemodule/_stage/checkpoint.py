@@ -35,7 +35,6 @@ __all__ = [
     "fsync_directory",
     "layer_file",
     "load_layer_file",
-    "load_layer_files",
     "read_layer_files",
     "save_layer_files",
     "stage_files",
@@ -234,25 +233,6 @@ def read_layer_files(
         _check_fits(state, module, index, path, strict=strict)
         loaded.append((module, state))
     return loaded
-
-
-def load_layer_files(
-    entries: list[tuple[int, torch.nn.Module]],
-    directory: Path,
-    rank_repr: str,
-    *,
-    map_location: torch.device,
-    strict: bool,
-) -> None:
-    """Load every entry's file into its module, once every file was read and checked.
-
-    A missing or mismatched file names the layer and leaves every module unchanged.
-    """
-    checked = read_layer_files(
-        entries, directory, rank_repr, map_location=map_location, strict=strict
-    )
-    for module, state in checked:
-        module.load_state_dict(state, strict=False)  # checked by read_layer_files
 
 
 def _missing(path: Path, layer_index: int) -> str:

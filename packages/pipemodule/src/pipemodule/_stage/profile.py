@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipemodule._layout import find_ties
 from pipemodule._stage.build import LayerBuilder
 from pipemodule._stage.collective import global_rank, run_on_every_rank
 from pipemodule._stage.seeding import Seeding
@@ -104,6 +103,7 @@ def measure_on_first_rank(
     sample_input: Any,
     seeding: Seeding,
     group: dist.ProcessGroup | None,
+    tie_layers: Mapping[str, tuple[int, ...]],
 ) -> list[float]:
     """Every layer's cost, measured on the first rank of ``group`` and shared with the others.
 
@@ -111,7 +111,7 @@ def measure_on_first_rank(
     measuring rank's error, instead of leaving the others waiting for the times.
     """
     # Built as in the default mode: measuring must leave seed_layers' global RNG state alone.
-    first_layers = {key: indices[0] for key, indices in find_ties(layers).items()}
+    first_layers = {key: indices[0] for key, indices in tie_layers.items()}
     builder = LayerBuilder(layers, first_layers, dataclasses.replace(seeding, seed_layers=False))
     measuring_rank = global_rank(group, 0)
 
