@@ -114,6 +114,21 @@ def test_seed_layers_gives_deepspeeds_weights() -> None:
             assert torch.equal(module.state_dict()[f"{index}.{name}"], value), (index, name)
 
 
+def test_default_seed_fn_seeds_as_torch_manual_seed_without_recording_stacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(2024)
+    expected = torch.rand(5), torch.randn(3)
+    stacks: list[object] = []
+    monkeypatch.setattr("traceback.format_stack", lambda *a, **k: stacks.append(a) or [])
+    default_seed_fn(2024)
+    assert torch.equal(torch.rand(5), expected[0])
+    assert torch.equal(torch.randn(3), expected[1])
+    if not torch.cuda.is_available():
+        # torch.manual_seed queues a seed, with the caller's stack, for every absent accelerator.
+        assert stacks == []
+
+
 def test_seed_layers_uses_distinct_seeds_inside_checkpointed_chunks() -> None:
     layers = [NoisyLayer() for _ in range(4)]
     module = PipelineModule(
