@@ -120,7 +120,12 @@ def test_default_seed_fn_seeds_as_torch_manual_seed_without_recording_stacks(
     torch.manual_seed(2024)
     expected = torch.rand(5), torch.randn(3)
     stacks: list[object] = []
-    monkeypatch.setattr("traceback.format_stack", lambda *a, **k: stacks.append(a) or [])
+
+    def record_stack(*args: object, **kwargs: object) -> list[str]:
+        stacks.append(args)
+        return []
+
+    monkeypatch.setattr("traceback.format_stack", record_stack)
     default_seed_fn(2024)
     assert torch.equal(torch.rand(5), expected[0])
     assert torch.equal(torch.randn(3), expected[1])
