@@ -10,6 +10,10 @@ pipestack's slowest rank spends its step. DeepSpeed runs only where it is import
 
     hatch run bench-train-step                 # both sizes, pipe 4 and pipe 2 x data 2
     hatch run bench-train-step --sizes small --repeats 1
+
+It also times the same work in one process with one thread (every layer, every micro-batch,
+the SGD step) and reports each row against that time divided by the cores: the limit no
+4-rank split of this work can beat on this machine.
 """
 
 from __future__ import annotations
@@ -216,6 +220,53 @@ def _deepspeed_worker(hidden: int, vocab: int, seq: int, pipe: int, steps: int) 
     return {"steps": times[3:], "phases": {}}
 
 
+def _single_process_worker(size: str, steps: int) -> None:
+    """The same work in one process and one thread: every layer, every micro-batch, SGD."""
+    import torch
+
+    from pipemodule.examples import FeedForwardBlock, tied_unembed
+
+    torch.set_num_threads(1)
+    hidden, vocab, seq = SIZES[size]
+    torch.manual_seed(SEED)
+    embedding = torch.nn.Embedding(vocab, hidden)
+    middle = torch.nn.Sequential(
+        *(FeedForwardBlock(hidden) for _ in range(DEPTH)), torch.nn.LayerNorm(hidden)
+    )
+    parameters = [*embedding.parameters(), *middle.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=LR)
+    loss_fn = _loss_fn(vocab)
+    times = []
+    for tokens in _batches(steps, vocab, seq):
+        start = time.perf_counter()
+        for chunk in tokens.split(MICRO_BATCH):
+            logits = tied_unembed(embedding, middle(embedding(chunk[:, :-1])))
+            (loss_fn(logits, chunk[:, 1:]) / GLOBAL_MICROBATCHES).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    print("RESULT " + json.dumps({"steps": times[3:], "phases": {}}), flush=True)
+
+
+def _single_process(size: str, steps: int, timeout: float) -> float:
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--single-process", size, str(steps)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"single-process {size} failed:\n{done.stderr[-4000:]}")
+    steps_taken: list[float] = json.loads(lines[-1].removeprefix("RESULT "))["steps"]
+    return statistics.median(steps_taken)
+
+
 def worker(framework: str, size: str, layout: str, steps: int) -> None:
     """One rank of one run; prints one JSON line with its timings."""
     import torch.distributed as dist
@@ -297,6 +348,7 @@ def _breakdown(size: str, layout: str, runs: list[Run]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--single-process", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=sorted(SIZES))
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--steps", type=int, default=13, help="steps per run, 3 of them warm-up")
@@ -308,6 +360,9 @@ def main() -> int:
         framework, size, layout, steps = options.worker
         worker(framework, size, layout, int(steps))
         return 0
+    if options.single_process:
+        _single_process_worker(options.single_process[0], int(options.single_process[1]))
+        return 0
     frameworks = ["pipestack"]
     if not options.no_deepspeed and _deepspeed_importable():
         frameworks.append("deepspeed")
@@ -318,8 +373,10 @@ def main() -> int:
         f"{os.cpu_count()} CPUs"
     )
     print("| size | layout | framework | step s | tokens/s |\n|---|---|---|---:|---:|")
-    breakdowns = []
+    breakdowns, limits = [], []
+    cores = os.cpu_count() or 1
     for size in options.sizes:
+        single = _single_process(size, options.steps, options.timeout)
         for layout in options.layouts:
             runs: dict[str, list[Run]] = {framework: [] for framework in frameworks}
             for _ in range(options.repeats):
@@ -330,8 +387,17 @@ def main() -> int:
             for line in _row(size, layout, runs):
                 print(line, flush=True)
             breakdowns.append(_breakdown(size, layout, runs["pipestack"]))
+            mine = statistics.median([t for run in runs["pipestack"] for t in run.slowest])
+            limits.append(
+                f"{size} {layout}: one process, one thread {single:.3f} s / {cores} cores = "
+                f"{single / cores:.3f} s; pipestack {mine:.3f} s = {mine / (single / cores):.2f}x "
+                f"the limit"
+            )
     print("\npipestack, where the slowest rank's step goes (mean seconds per step):")
     for line in breakdowns:
+        print("  " + line)
+    print("\nThe single-process limit (the same work in one process with one thread, / cores):")
+    for line in limits:
         print("  " + line)
     return 0
 

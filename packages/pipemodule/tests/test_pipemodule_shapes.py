@@ -124,11 +124,15 @@ def _per_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
 
 
-def _bad_batch(case: str) -> str:
+def _bad_batch(case: str, after_good_steps: bool) -> str:
     torch.manual_seed(0)
     loss = _per_token_loss if case == "a loss that is not a scalar" else _loss
     module = PipelineModule(gpt_layers(VOCAB, HIDDEN, 2), num_stages=2, loss_fn=loss, device="cpu")
     trainer = PipelineTrainer(module, torch.optim.SGD(module.parameters(), lr=LR), n_microbatches=2)
+    if after_good_steps:
+        # The batch check then takes its shortcut (nothing changed) before the bad batch.
+        trainer.train_step(*_batch(1, 8))
+        trainer.train_step(*_batch(2, 8))
     inputs, labels = _batch(0, 8)
     if case == "no labels on the last stage" and module.holds_last_stage:
         labels = None  # type: ignore[assignment]
@@ -143,21 +147,62 @@ def _bad_batch(case: str) -> str:
     return "no error"
 
 
+_BAD_BATCHES = [
+    ("no labels on the last stage", "labels=None on the rank holding the last stage"),
+    ("odd batch on the first stage", "batch size 3, which does not split"),
+    ("float inputs", "failed on the meta device"),
+    ("a loss that is not a scalar", "it must return a scalar tensor"),
+]
+_LATER_BAD_BATCHES = [
+    # After good steps the batch check has a shape to compare with: it speaks first.
+    ("no labels on the last stage", "labels=None on the rank holding the last stage"),
+    ("odd batch on the first stage", "batch size 3, which does not split"),
+    ("float inputs", "the batch changed shape: micro-batches were int64[2, 8] and are now float32"),
+]
+
+
 @pytest.mark.parametrize(
-    ("case", "expected"),
-    [
-        ("no labels on the last stage", "labels=None on the rank holding the last stage"),
-        ("odd batch on the first stage", "batch size 3, which does not split"),
-        ("float inputs", "failed on the meta device"),
-        ("a loss that is not a scalar", "it must return a scalar tensor"),
-    ],
+    ("case", "expected", "after_good_steps"),
+    [*((*bad, False) for bad in _BAD_BATCHES), *((*bad, True) for bad in _LATER_BAD_BATCHES)],
 )
-def test_a_bad_batch_fails_on_every_rank_at_once(case: str, expected: str) -> None:
+def test_a_bad_batch_fails_on_every_rank_at_once(
+    case: str, expected: str, after_good_steps: bool
+) -> None:
     started = time.monotonic()
-    messages = spawn_ranks(_bad_batch, 2, case, timeout=60)
+    messages = spawn_ranks(_bad_batch, 2, case, after_good_steps, timeout=60)
     assert time.monotonic() - started < 40, "an error must not wait for a timeout"
     for message in messages:
         assert expected in message, message
+
+
+def _count_batch_exchanges() -> tuple[int, int]:
+    torch.manual_seed(0)
+    module = PipelineModule(
+        gpt_layers(VOCAB, HIDDEN, 2), num_stages=2, loss_fn=_loss, device="cpu", dynamic_shape=True
+    )
+    trainer = PipelineTrainer(module, torch.optim.SGD(module.parameters(), lr=LR), n_microbatches=2)
+    gathers = {"n": 0}
+    original = torch.distributed.all_gather_object
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        gathers["n"] += 1
+        original(*args, **kwargs)
+
+    torch.distributed.all_gather_object = counted
+    try:
+        for step in range(3):
+            trainer.train_step(*_batch(step, 8))
+        same_shape = gathers["n"]
+        trainer.train_step(*_batch(3, 12))  # longer sequences: a new shape, a full exchange
+        return same_shape, gathers["n"] - same_shape
+    finally:
+        torch.distributed.all_gather_object = original
+
+
+def test_the_batch_exchange_runs_only_when_a_batch_changes() -> None:
+    for same_shape, changed in spawn_ranks(_count_batch_exchanges, 2, timeout=60):
+        assert same_shape == 1  # the first step's exchange; later ones only compare
+        assert changed == 1
 
 
 def _train_into_overflow(limit: int | None) -> dict[str, Any]:

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar, cast
 
+import torch
 import torch.distributed as dist
 
 __all__ = [
     "ENTRY_TIMEOUT_VARIABLE",
     "PipelineRankError",
+    "any_rank",
     "entry_timeout",
     "failure_report",
     "gather_objects",
@@ -41,6 +43,19 @@ def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
+def _lost_peer(
+    error: RuntimeError, group: dist.ProcessGroup | None, what: str
+) -> PipelineRankError:
+    return PipelineRankError(
+        f"{what or 'a collective step'} lost contact with a peer: global rank "
+        f"{dist.get_rank()} of the group of global ranks {group_ranks(group)} got "
+        f"{str(error).strip().splitlines()[0]!r}. Another rank of the group died, was "
+        f"killed or stalled past the process group's timeout; its own log names its error "
+        f"(a stalled rank is waited for init_process_group(timeout=...), 30 minutes by "
+        f"default: set a shorter one to be told sooner)"
+    )
+
+
 def gather_objects(value: T, group: dist.ProcessGroup | None, what: str = "") -> list[T]:
     """All-gather one picklable value per rank of ``group`` (collective over ``group``).
 
@@ -52,15 +67,25 @@ def gather_objects(value: T, group: dist.ProcessGroup | None, what: str = "") ->
     try:
         dist.all_gather_object(gathered, value, group=group)
     except RuntimeError as error:
-        raise PipelineRankError(
-            f"{what or 'a collective step'} lost contact with a peer: global rank "
-            f"{dist.get_rank()} of the group of global ranks {group_ranks(group)} got "
-            f"{str(error).strip().splitlines()[0]!r}. Another rank of the group died, was "
-            f"killed or stalled past the process group's timeout; its own log names its error "
-            f"(a stalled rank is waited for init_process_group(timeout=...), 30 minutes by "
-            f"default: set a shorter one to be told sooner)"
-        ) from error
+        raise _lost_peer(error, group, what) from error
     return cast("list[T]", gathered)
+
+
+def any_rank(
+    flag: bool, group: dist.ProcessGroup | None, device: torch.device, what: str = ""
+) -> bool:
+    """Whether ``flag`` is true on some rank of ``group`` (collective over ``group``).
+
+    One 1-element all-reduce on ``device`` (which the group's backend must accept): much
+    cheaper than :func:`gather_objects`, which pickles and sends twice. A lost peer raises
+    `PipelineRankError` as there.
+    """
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    try:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    except RuntimeError as error:
+        raise _lost_peer(error, group, what) from error
+    return bool(value.item())
 
 
 def failure_report(error: BaseException) -> str:
