@@ -10,10 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.bench_schedules import RankTrace, step_costs
 from tools.schedule_sim import (
     SCHEDULES,
     Action,
     Costs,
+    MeasuredCosts,
     closed_form_bubble,
     simulate,
     simulate_schedule,
@@ -169,3 +171,109 @@ def test_refused_configurations_raise_value_error() -> None:
         torch_order("GPipe", 4, 8, 2)
     with pytest.raises(ValueError, match="2 stages per rank"):  # torch's own check
         torch_order("ZBVZeroBubble", 4, 8, 3)
+
+
+def _nominal_as_measured(costs: Costs, name: str, stages_per_rank: int) -> MeasuredCosts:
+    order, _ = torch_order(name, 4, 8, stages_per_rank)
+    kinds = {
+        (a.kind, a.stage) for actions in order for a in actions if a.kind in ("F", "I", "W", "B")
+    }
+    return MeasuredCosts({key: costs.of(key[0], key[1], stages_per_rank) for key in kinds})
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_measured_costs_equal_to_the_nominal_ones_give_the_nominal_step(name: str) -> None:
+    v = _stages_per_rank(name)
+    nominal = simulate_schedule(name, 4, 8, UNEVEN, v)
+    measured = simulate_schedule(name, 4, 8, _nominal_as_measured(UNEVEN, name, v), v)
+    assert measured.makespan == pytest.approx(nominal.makespan)
+
+
+def test_an_overhead_per_action_costs_every_action_of_the_critical_path() -> None:
+    """GPipe at p = 2, m = 1: F0, F1, B1, B0 run one after the other, 4 actions."""
+    base = _nominal_as_measured(EQUAL, "GPipe", 1)
+    slower = MeasuredCosts(base.durations, overhead=0.25)
+    order, _ = torch_order("GPipe", 2, 1)
+    assert simulate(order, slower, 1).makespan == pytest.approx(
+        simulate(order, base, 1).makespan + 4 * 0.25
+    )
+
+
+@pytest.mark.parametrize("name", ["GPipe", "1F1B", "ZBVZeroBubble", "DualPipeV"])
+def test_latency_delays_every_message_between_ranks_and_none_within_one(name: str) -> None:
+    v = _stages_per_rank(name)
+    order, stage_rank = torch_order(name, 4, 8, v)
+    free = simulate(order, EQUAL, v)
+    slow = simulate(order, EQUAL, v, latency=0.1)
+    # The first micro-batch's forward reaches the last stage through 3 messages with one stage
+    # per rank, and through 6 under V placement: stage 3 hands to stage 4 on rank 3 directly.
+    last = 4 * v - 1
+    messages = sum(stage_rank[s] != stage_rank[s + 1] for s in range(last))
+    assert messages == (3 if v == 1 else 6)
+    first_at_last = Action("F", last, 0)
+    assert slow.start[first_at_last] == pytest.approx(free.start[first_at_last] + 0.1 * messages)
+    assert slow.makespan > free.makespan
+    with pytest.raises(ValueError, match="latency"):
+        simulate(order, EQUAL, v, latency=-1.0)
+
+
+def test_measured_costs_name_a_missing_action() -> None:
+    costs = MeasuredCosts({("F", 0): 1.0})
+    with pytest.raises(ValueError, match="no measured duration for B of stage 0"):
+        costs.of("B", 0, 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        MeasuredCosts({("F", 0): -1.0})
+
+
+def _two_rank_trace() -> list[RankTrace]:
+    """GPipe, p = 2, m = 1, at t = 100 s: rank 0 runs F0 (1 s) and sends; rank 1 waits for it
+    from 100.2 s, gets it 0.1 s after the send, runs F1 + loss and B1, sends; rank 0 waits and
+    runs B0. Every gap that is not a wait or a computation is bookkeeping."""
+    rank0 = RankTrace(
+        start=100.0,
+        end=106.0,
+        actions=[("F", 0, 0, 100.1, 101.1), ("B", 0, 0, 104.6, 106.6 - 0.8)],
+        waits=[(101.2, 104.5)],
+        sends={"SEND_F/0/0": 101.15},
+    )
+    rank1 = RankTrace(
+        start=100.0,
+        end=106.0,
+        actions=[("F", 1, 0, 101.3, 102.3), ("L", 1, 0, 102.3, 102.4), ("B", 1, 0, 102.4, 104.4)],
+        waits=[(100.2, 101.25)],
+        sends={"SEND_B/1/0": 104.45},
+    )
+    return [rank0, rank1]
+
+
+def test_step_costs_reduce_the_traces_to_what_the_simulation_takes() -> None:
+    costs = step_costs(_two_rank_trace())
+    assert costs.durations == pytest.approx({"F0": 1.0, "B0": 1.2, "F1": 1.1, "B1": 2.0})
+    # Rank 0 waited for B1's gradient from 101.2, before it was sent at 104.45: 0.05 s late.
+    # Rank 1 waited for F0 from 100.2, before its send at 101.15: 0.1 s late. Median 0.075.
+    assert costs.latency == pytest.approx(0.075)
+    assert costs.latency_samples == 2
+    # Rank 0: span 100.1..105.8 (5.7 s), 2.2 s computing, 3.3 s waiting: 0.2 s over 2 actions.
+    # Rank 1: span 101.3..104.4, all computing: 0. The mean over ranks:
+    assert costs.overhead == pytest.approx((0.1 + 0.0) / 2)
+    assert costs.head == pytest.approx(0.1)
+    assert costs.tail == pytest.approx(106.0 - 105.8)
+
+
+def test_a_message_that_was_already_there_is_no_latency_sample() -> None:
+    traces = _two_rank_trace()
+    traces[1].waits = [(101.2, 101.25)]  # began after the send: it measures nothing
+    costs = step_costs(traces)
+    assert costs.latency_samples == 1
+    assert costs.latency == pytest.approx(0.05)
+
+
+def test_the_measured_simulation_replays_the_traced_step() -> None:
+    """Fed back its own costs, the simulation of the traced GPipe step ends where it ended."""
+    costs = step_costs(_two_rank_trace())
+    order, _ = torch_order("GPipe", 2, 1)
+    simulation = simulate(order, costs.simulation_costs(), 1, costs.latency)
+    assert simulation.start[Action("F", 1, 0)] == pytest.approx(1.0 + 0.05 + 0.075)
+    assert costs.head + simulation.makespan + costs.tail == pytest.approx(
+        0.1 + (1.05 + 0.075 + 1.15 + 2.05 + 0.075 + 1.25) + 0.2
+    )

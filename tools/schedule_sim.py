@@ -14,24 +14,29 @@ The order is the one torch's runtime executes, not a textbook one:
   backward and one forward, then the remaining backwards.
 
 Timing: every action starts at the later of its rank's clock and the time the data it needs
-exists, communication costs nothing, and a rank runs its actions strictly in order:
+exists, and a rank runs its actions strictly in order:
 
 * ``F(s, mb)`` needs ``F(s - 1, mb)``;
 * ``B(s, mb)`` or ``I(s, mb)`` needs ``F(s, mb)`` and the input gradient from stage ``s + 1``
   (its ``B`` or ``I``);
 * ``W(s, mb)`` needs ``I(s, mb)``.
 
-Data from another rank exists once that rank reaches the ``SEND_F`` / ``SEND_B`` action of
-torch's lowered order (a send takes no time), not when the computation ends: the two differ
-where the runtime runs something between them, as DualPipeV does, whose ``OVERLAP_F_B`` sends
-the forward's output only after the backward beside it. The hand-written GPipe and 1F1B post
-every send right after its computation. Two stages on one rank (V placement) hand over
-directly.
+Data from another rank exists ``latency`` after that rank reaches the ``SEND_F`` / ``SEND_B``
+action of torch's lowered order (a send itself takes no time), not when the computation ends:
+the two differ where the runtime runs something between them, as DualPipeV does, whose
+``OVERLAP_F_B`` sends the forward's output only after the backward beside it. The hand-written
+GPipe and 1F1B post every send right after its computation. Two stages on one rank (V
+placement) hand over directly, without latency. The latency is 0 unless given: the nominal
+expectation treats communication as free, the measured one (tools/bench_schedules.py) passes
+what its run measured.
 
-Durations are per stage: F, I and W per rank share of layers divided by the stages a rank holds,
-and B = I + W. One quirk of torch is kept: stage 0 has no input to differentiate, so its ``I``
-does nothing (it only waits for the gradient from stage 1) and its ``W`` runs the whole backward
-(``PipelineStage.backward_weight_one_chunk`` for stage 0 calls the full backward), costing I + W.
+Durations come from an :class:`ActionCosts`. :class:`Costs` is the nominal one: F, I and W
+per rank share of layers divided by the stages a rank holds, and B = I + W. It keeps one quirk
+of torch: stage 0 has no input to differentiate, so its ``I`` does nothing (it only waits for
+the gradient from stage 1) and its ``W`` runs the whole backward
+(``PipelineStage.backward_weight_one_chunk`` for stage 0 calls the full backward), costing
+I + W. :class:`MeasuredCosts` holds what a run measured, per action kind and stage, plus a
+per-action runtime overhead; the quirk is then in the numbers themselves.
 
 The *ideal* step time is the busiest rank's work; the bubble fraction is
 ``1 - ideal / makespan``.
@@ -39,16 +44,18 @@ The *ideal* step time is the busiest rank's work; the bubble fraction is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from pipemodule import SCHEDULES as PIPESTACK_SCHEDULES
 
 __all__ = [
     "SCHEDULES",
     "Action",
+    "ActionCosts",
     "Costs",
+    "MeasuredCosts",
     "Simulation",
     "closed_form_bubble",
     "simulate",
@@ -86,6 +93,14 @@ class Action:
         return f"{self.stage}{self.kind}{self.mb}"
 
 
+class ActionCosts(Protocol):
+    """What one action of a stage costs; :func:`simulate` asks for every action it times."""
+
+    def of(self, kind: Kind, stage: int, stages_per_rank: int) -> float:
+        """The duration of one ``kind`` action on ``stage`` (sends: 0)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Costs:
     """Seconds (or any unit) of work per rank share of layers: forward, input grad, weight grad.
@@ -113,6 +128,40 @@ class Costs:
 
 
 @dataclass(frozen=True)
+class MeasuredCosts:
+    """Durations as a run had them: mean seconds per ``(kind, stage)`` and a per-action overhead.
+
+    ``durations`` is what the stage's own computation took (for the last stage's ``F``, the
+    loss too); ``overhead`` is the runtime's time per computation outside it and outside
+    waiting (posting sends and receives, bookkeeping), added to every computation.
+    """
+
+    durations: Mapping[tuple[str, int], float] = field(hash=False)
+    overhead: float = 0.0
+
+    def __post_init__(self) -> None:
+        bad = {key: value for key, value in self.durations.items() if not value >= 0}
+        if bad or not self.overhead >= 0:
+            raise ValueError(
+                f"measured durations must be >= 0 seconds: got {bad or ''} "
+                f"overhead={self.overhead!r}; a negative time means the timings were mixed up"
+            )
+
+    def of(self, kind: Kind, stage: int, stages_per_rank: int) -> float:
+        """The measured duration of one ``kind`` action on ``stage``, with the overhead."""
+        if kind in ("SEND_F", "SEND_B"):
+            return 0.0
+        found = self.durations.get((kind, stage))
+        if found is None:
+            measured = ", ".join(f"{k}{s}" for k, s in sorted(self.durations, key=str))
+            raise ValueError(
+                f"no measured duration for {kind} of stage {stage}; measured: {measured}. "
+                f"Measure the same schedule and stages the order comes from"
+            )
+        return found + self.overhead
+
+
+@dataclass(frozen=True)
 class Simulation:
     """The timed schedule: when every action ran, each rank's work, the makespan."""
 
@@ -136,6 +185,9 @@ class Simulation:
     def mean_bubble(self) -> float:
         """``1 - total work / (ranks * makespan)``: the idle share over all ranks."""
         return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
+
+
+_Need = tuple[Action, float]  # what must have run, and the delay after its end
 
 
 def _single_order(name: str, num_ranks: int, n_microbatches: int) -> list[list[Action]]:
@@ -211,8 +263,18 @@ def torch_order(
     return _multi_order(name, num_ranks, n_microbatches, stages_per_rank)
 
 
-def simulate(order: Sequence[Sequence[Action]], costs: Costs, stages_per_rank: int) -> Simulation:
-    """Time ``order`` (one action list per rank): see the module docstring for the rules."""
+def simulate(
+    order: Sequence[Sequence[Action]],
+    costs: ActionCosts,
+    stages_per_rank: int,
+    latency: float = 0.0,
+) -> Simulation:
+    """Time ``order`` (one action list per rank): see the module docstring for the rules.
+
+    ``latency`` is the seconds from a send to the data's arrival on another rank.
+    """
+    if not latency >= 0:
+        raise ValueError(f"latency={latency!r} must be >= 0 seconds")
     num_stages = len(order) * stages_per_rank
     end: dict[Action, float] = {}
     start: dict[Action, float] = {}
@@ -223,16 +285,16 @@ def simulate(order: Sequence[Sequence[Action]], costs: Costs, stages_per_rank: i
     present = {action for actions in order for action in actions}
     rank_of = {a.stage: rank for rank, actions in enumerate(order) for a in actions}
 
-    def arrival(producer: Action, consumer_stage: int, send: Kind) -> Action | None:
-        """What must have run for ``producer``'s data to reach ``consumer_stage``."""
+    def arrival(producer: Action, consumer_stage: int, send: Kind) -> _Need | None:
+        """What must have run for ``producer``'s data to reach ``consumer_stage``, and when."""
         if producer not in present:
             return None
+        if rank_of[producer.stage] == rank_of[consumer_stage]:
+            return producer, 0.0
         sent = Action(send, producer.stage, producer.mb)
-        if rank_of[producer.stage] != rank_of[consumer_stage] and sent in present:
-            return sent
-        return producer
+        return (sent if sent in present else producer), latency
 
-    def grad_from_next(stage: int, mb: int) -> Action | None:
+    def grad_from_next(stage: int, mb: int) -> _Need | None:
         for kind in ("I", "B"):
             found = arrival(Action(kind, stage + 1, mb), stage, "SEND_B")
             if found is not None:
@@ -241,20 +303,21 @@ def simulate(order: Sequence[Sequence[Action]], costs: Costs, stages_per_rank: i
 
     def ready_at(action: Action) -> float | None:
         """When ``action``'s inputs exist, or None while one is not computed yet."""
-        needs: list[Action | None] = []
+        needs: list[_Need | None] = []
         if action.kind == "F":
             if action.stage > 0:
                 producer = Action("F", action.stage - 1, action.mb)
                 needs.append(arrival(producer, action.stage, "SEND_F"))
         elif action.kind in ("I", "B"):
-            needs.append(Action("F", action.stage, action.mb))
+            needs.append((Action("F", action.stage, action.mb), 0.0))
             if action.stage < num_stages - 1:
                 needs.append(grad_from_next(action.stage, action.mb))
         elif action.kind == "W":
-            needs.append(Action("I", action.stage, action.mb))
-        if any(need is None or need not in end for need in needs):
+            needs.append((Action("I", action.stage, action.mb), 0.0))
+        met: list[_Need] = [need for need in needs if need is not None and need[0] in end]
+        if len(met) < len(needs):
             return None
-        return max((end[need] for need in needs if need is not None), default=0.0)
+        return max((end[done] + delay for done, delay in met), default=0.0)
 
     while remaining:
         progressed = False
@@ -284,11 +347,16 @@ def simulate(order: Sequence[Sequence[Action]], costs: Costs, stages_per_rank: i
 
 
 def simulate_schedule(
-    name: str, num_ranks: int, n_microbatches: int, costs: Costs, stages_per_rank: int = 1
+    name: str,
+    num_ranks: int,
+    n_microbatches: int,
+    costs: ActionCosts,
+    stages_per_rank: int = 1,
+    latency: float = 0.0,
 ) -> Simulation:
     """:func:`torch_order` timed by :func:`simulate`."""
     order, _ = torch_order(name, num_ranks, n_microbatches, stages_per_rank)
-    return simulate(order, costs, stages_per_rank)
+    return simulate(order, costs, stages_per_rank, latency)
 
 
 def closed_form_bubble(
