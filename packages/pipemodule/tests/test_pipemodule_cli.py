@@ -528,3 +528,72 @@ def test_activation_flags_come_together(capsys: pytest.CaptureFixture[str]) -> N
     )
     assert code == 2
     assert "1F1B needs at least as many micro-batches" in err
+
+
+_SMALL_GPT = ("--arg", "depth=8", "--arg", "hidden=64", "--arg", "vocab_size=1000")
+_STEP = ("--schedule", "1f1b", "--microbatches", "8", "--input-shape", "4,256")
+
+
+def test_memory_limit_moves_layers_off_the_stage_over_it_and_every_peak_fits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(capsys, GPT, "--stages", "4", *_SMALL_GPT, *_STEP, "--json")
+    assert code == 0, err
+    free = json.loads(out)
+    highest = max(stage["peak_bytes"] for stage in free["stages"])
+    limit = highest * 8 // 10  # the unlimited partition does not fit it
+    code, out, err = run(
+        capsys, GPT, "--stages", "4", *_SMALL_GPT, *_STEP, "--memory-limit", str(limit), "--json"
+    )
+    assert code == 0, err
+    limited = json.loads(out)
+    assert limited["plan"]["boundaries"] != free["plan"]["boundaries"]
+    assert all(stage["peak_bytes"] <= limit for stage in limited["stages"])
+    assert limited["memory_limit_bytes"] == limit
+    assert {"activation_bytes", "peak_bytes"} <= set(limited["stages"][0])
+    code, out, err = run(
+        capsys, GPT, "--stages", "4", *_SMALL_GPT, *_STEP, "--memory-limit", str(limit)
+    )
+    assert code == 0, err
+    assert re.search(r"limiting: stage \d \(rank \d\), peak .* of the limit .* per stage", out)
+
+
+def test_a_memory_limit_no_partition_meets_names_the_stage_and_what_would_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(
+        capsys, GPT, "--stages", "4", *_SMALL_GPT, "--schedule", "gpipe", "--microbatches", "8",
+        "--input-shape", "4,256", "--memory-limit", "5MiB",
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    assert re.search(
+        r"stage_memory_limits of 5.00 MiB \(5,242,880 bytes\) per stage cannot hold every "
+        r"stage's training peak \(schedule 'GPipe', 8 micro-batches, .*\): no partition of the "
+        r"11 layers into 4 stages fits; the closest, boundaries \[.*\], needs .* more on stage "
+        r"\d than its limit .*; what would fit: every limit raised by .*, more stages, "
+        r"activation checkpointing .* 1F1B holds \[4, 3, 2, 1\] instead of GPipe's 8",
+        err,
+    ), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ("--memory-limit", "80GiB"),
+            "--memory-limit caps each stage's training peak, .* add --schedule",
+            id="without a schedule",
+        ),
+        pytest.param(
+            (*_STEP, "--memory-limit", "80 parsecs"),
+            "'80 parsecs' is not a byte size; write a number and a unit, e.g. 80GiB",
+            id="a unit that is not one",
+        ),
+    ],
+)
+def test_memory_limit_mistakes(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    code, out, err = run(capsys, GPT, "--stages", "2", *argv)
+    assert (code, out) == (2, "")
+    assert re.search(message, err), err

@@ -225,7 +225,7 @@ def _mistake_on_rank_one(what: str) -> tuple[str, str, float]:
     ("what", "own_error", "named"),
     [
         ("regex", "ValueError", "not a valid regular expression"),
-        ("memory", "ValueError", "capacity"),
+        ("memory", "CapacityError", "capacity"),  # a ValueError
         ("constructor", "RuntimeError", "simulated"),
     ],
 )

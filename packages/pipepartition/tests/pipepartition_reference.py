@@ -88,3 +88,23 @@ def least_bottleneck(weights: Sequence[int], num_parts: int) -> int:
         else:
             low = middle
     return high
+
+
+def part_loads(part_sizes: Sequence[Sequence[Number]], boundaries: Sequence[int]) -> list[Number]:
+    """What each part's items weigh by that part's own sizes (plain sums, no prefix sums)."""
+    return [
+        sum(part_sizes[s][boundaries[s] : boundaries[s + 1]]) for s in range(len(boundaries) - 1)
+    ]
+
+
+def least_common_raise(
+    part_sizes: Sequence[Sequence[int]], capacities: Sequence[int], num_items: int
+) -> int:
+    """The least ``d >= 0`` such that some split meets every ``capacities[s] + d``."""
+    return min(
+        max(
+            max(int(load) - capacity, 0)
+            for load, capacity in zip(part_loads(part_sizes, split), capacities, strict=True)
+        )
+        for split in all_splits(num_items, len(capacities))
+    )

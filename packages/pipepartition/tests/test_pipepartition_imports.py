@@ -25,6 +25,7 @@ def test_importing_pipepartition_imports_neither_torch_nor_numpy_nor_siblings() 
 def test_every_exported_name_exists_and_version_comes_from_about() -> None:
     assert set(pipepartition.__all__) == {
         "Boundaries",
+        "CapacityError",
         "Parameters",
         "PartitionMethod",
         "PartitionPlan",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipemodule._layout import PipelineLayout, layout_of
+from pipemodule._layout import PipelineLayout, TrainingStep, layout_of
 from pipemodule._stage.activation_checkpoint import CheckpointFn, activation_checkpoint
 from pipemodule._stage.agreement import agree_on_construction
 from pipemodule._stage.build import ForwardFunc, LayerBuilder
@@ -85,8 +85,16 @@ class PipelineModule(DeepSpeedModuleNames, torch.nn.Module):
         process_group: the group the pipeline lives in (default: the whole world).
         stage_speeds: relative speed of each stage, for heterogeneous hardware: balanced
             methods minimise the slowest stage's ``cost / speed``.
-        stage_memory_limits: maximum parameter bytes per stage; the partition never exceeds
-            them (``ValueError`` if no partition fits).
+        stage_memory_limits: bytes per stage that the partition never exceeds (``ValueError``,
+            on every rank before any group exists, if no partition fits). Without
+            ``training_step`` they cap parameter bytes only (no gradients, optimizer state or
+            activations); with it, each stage's training peak.
+        training_step: a :class:`pipemodule.TrainingStep` (one micro-batch's input to the
+            first layer, the schedule, ``n_microbatches``, the optimizer's states per
+            parameter): ``stage_memory_limits`` then cap each stage's peak for that step as
+            :func:`pipemodule.plan_memory` counts it (this module's activation checkpointing
+            included), and the partition is the fastest that fits; the error names the stage,
+            the bytes it lacks and what would fit.
         profile_input: sample input of the first layer, for ``partition_method='profile'``.
         stages_per_rank: stages each rank holds; the list is cut into ``num_stages *
             stages_per_rank`` stages (for the interleaved and zero-bubble schedules).
@@ -121,6 +129,7 @@ class PipelineModule(DeepSpeedModuleNames, torch.nn.Module):
         profile_input: Any = None,
         stages_per_rank: int = 1,
         stage_placement: str = "loop",
+        training_step: TrainingStep | None = None,
     ) -> None:
         super().__init__()
         # 1-2. Check every argument and compute the layout, locally; 3. agree, before any group
@@ -149,6 +158,7 @@ class PipelineModule(DeepSpeedModuleNames, torch.nn.Module):
                 stages_per_rank=stages_per_rank,
                 stage_placement=stage_placement,
                 refuse=PipelineModule,
+                training_step=training_step,
             ),
             torch.initial_seed(),
             process_group,

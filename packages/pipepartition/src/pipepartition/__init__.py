@@ -5,6 +5,7 @@ Importing this package never imports torch or numpy.
 
 from pipepartition.__about__ import __version__
 from pipepartition._balanced import partition_balanced
+from pipepartition._capacity_error import CapacityError
 from pipepartition._methods import (
     Boundaries,
     Parameters,
@@ -21,6 +22,7 @@ from pipepartition._uniform import partition_uniform
 
 __all__ = [
     "Boundaries",
+    "CapacityError",
     "Parameters",
     "PartitionMethod",
     "PartitionPlan",

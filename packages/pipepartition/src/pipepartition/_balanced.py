@@ -62,6 +62,7 @@ def partition_balanced(
     speeds: Sequence[float] | None = None,
     capacities: Sequence[float] | None = None,
     sizes: Sequence[float] | None = None,
+    part_sizes: Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """Boundaries of the contiguous split whose heaviest part is as light as possible.
 
@@ -71,7 +72,12 @@ def partition_balanced(
     sum of the part's weights and ``speed_s`` is 1 unless ``speeds`` gives one positive
     factor per part (a part twice as fast may take twice the weight). With ``capacities``
     (one per part, ``math.inf`` allowed) the sum of ``sizes`` in part ``s`` may not exceed
-    ``capacities[s]``; ``sizes`` are per item and default to ``weights``.
+    ``capacities[s]``; ``sizes`` are per item and default to ``weights``. When an item
+    weighs differently depending on the part that holds it, pass ``part_sizes`` instead of
+    ``sizes``: one list of item sizes per part, ``part_sizes[s][i]`` being item ``i``'s size
+    in part ``s`` (e.g. fixed bytes plus per-part in-flight copies of scaled bytes:
+    ``[[f + m[s] * a for f, a in zip(fixed, scaled)] for s in range(num_parts)]``). The
+    split stays min-max optimal among the splits that meet the capacities.
 
     Every part holds at least one item when there are at least as many items as parts. With
     fewer items than parts the result is :func:`partition_uniform`'s (trailing parts empty),
@@ -105,14 +111,18 @@ def partition_balanced(
     Raises:
         TypeError: a weight, speed, capacity or size is not a real number, or is a bool.
         ValueError: ``num_parts < 1``; negative or non-finite weights or sizes; speeds or
-            capacities not positive or not one per part; ``sizes`` without ``capacities``
-            or not one per item; or capacities that no split can meet (the message says
-            which item or part needs how much).
+            capacities not positive or not one per part; ``sizes`` or ``part_sizes``
+            without ``capacities``, both given, or not one per item (and part); or
+            capacities that no split can meet: a :class:`CapacityError` whose message says
+            which item or part needs how much, and whose attributes give the split closest
+            to fitting and the least raise of every capacity that lets a split fit.
 
     >>> partition_balanced([4, 1, 1, 1, 1, 4], 3)
     [0, 1, 5, 6]
     >>> partition_balanced([1] * 12, 3, speeds=[1, 2, 1])
     [0, 3, 9, 12]
+    >>> partition_balanced([1] * 6, 2, capacities=[9, 9], part_sizes=[[3] * 6, [1] * 6])
+    [0, 3, 6]
     """
     parts = count(num_parts, name="num_parts", minimum=1)
     costs = non_negative_values(weights, name="weights")
@@ -124,6 +134,7 @@ def partition_balanced(
         num_items=len(costs),
         words=ITEMS,
         items_counted=f"weights has {len(costs)}",
+        part_sizes=part_sizes,
     )
     return balanced_boundaries(costs, parts, constraints, ITEMS)
 
@@ -135,14 +146,14 @@ def balanced_boundaries(
     messages about capacities speak ``words``."""
     num_items = len(costs)
     capacities = constraints.capacities
-    sizes = costs if constraints.sizes is None else constraints.sizes
+    part_sizes = constraints.sizes_by_part(costs, num_parts)
     if num_items < num_parts:
         boundaries = partition_uniform(num_items, num_parts)
         if capacities is not None:
             item, part = words.item, words.part
             require_layout_fits(
                 boundaries,
-                sizes,
+                part_sizes,
                 capacities,
                 words=words,
                 why=(
@@ -159,7 +170,7 @@ def balanced_boundaries(
         exact=exact,
         speeds=constraints.speeds,
         capacities=capacities,
-        sizes=sizes,
+        part_sizes=part_sizes,
     )
     require_capacities_plausible(model, words)
     bottleneck = _optimal_bottleneck(model, words)

@@ -167,7 +167,16 @@ class Constraints(NamedTuple):
     speeds: list[Real] | None
     capacities: list[Real] | None
     sizes: list[Real] | None
-    """None means the items' costs are their sizes."""
+    """None means the items' costs are their sizes (unless ``part_sizes`` is given)."""
+    part_sizes: list[list[Real]] | None = None
+    """``part_sizes[s][i]``: item ``i``'s size when part ``s`` holds it; None: ``sizes``."""
+
+    def sizes_by_part(self, costs: list[Real], num_parts: int) -> list[list[Real]]:
+        """One list of item sizes per part; parts that share sizes share one list object."""
+        if self.part_sizes is not None:
+            return self.part_sizes
+        shared = costs if self.sizes is None else self.sizes
+        return [shared] * num_parts
 
 
 def checked_constraints(
@@ -179,12 +188,14 @@ def checked_constraints(
     num_items: int,
     words: Vocabulary,
     items_counted: str,
+    part_sizes: Sequence[Sequence[float]] | None = None,
 ) -> Constraints:
     """The speeds, capacities and sizes of ``partition_balanced`` and ``plan_partition``.
 
     Speeds are finite and > 0, capacities > 0 (``math.inf`` allowed), one of each per part;
     sizes are finite, >= 0, one per item (``items_counted`` says where that count comes
-    from), and only allowed together with capacities.
+    from), and only allowed together with capacities. ``part_sizes`` is one such list per
+    part, instead of ``sizes``.
     """
     speed_list = None
     if speeds is not None:
@@ -201,7 +212,50 @@ def checked_constraints(
         require_length(
             "sizes", len(size_list), num_items, per=words.item, counted=items_counted, unit="size"
         )
-    return Constraints(speed_list, capacity_list, size_list)
+    part_size_lists = None
+    if part_sizes is not None:
+        part_size_lists = _checked_part_sizes(
+            part_sizes, sizes, capacities, num_parts, num_items, words, items_counted
+        )
+    return Constraints(speed_list, capacity_list, size_list, part_size_lists)
+
+
+def _checked_part_sizes(
+    part_sizes: object,
+    sizes: object,
+    capacities: object,
+    num_parts: int,
+    num_items: int,
+    words: Vocabulary,
+    items_counted: str,
+) -> list[list[Real]]:
+    if sizes is not None:
+        raise ValueError(
+            f"pass sizes (one per {words.item}, the same for every {words.part}) or part_sizes "
+            f"(one list per {words.part}), not both"
+        )
+    if capacities is None:
+        raise ValueError(
+            "part_sizes only matter together with capacities; pass capacities=[...] with one "
+            f"limit per {words.part}, or drop part_sizes"
+        )
+    if isinstance(part_sizes, str | bytes) or not isinstance(part_sizes, Sequence):
+        raise TypeError(
+            f"part_sizes must be a sequence of sequences (one list of {words.item} sizes per "
+            f"{words.part}), got {type(part_sizes).__name__}"
+        )
+    require_length(
+        "part_sizes", len(part_sizes), num_parts, per=words.part, unit=f"list of {words.item} sizes"
+    )
+    checked: list[list[Real]] = []
+    for part, values in enumerate(part_sizes):
+        name = f"part_sizes[{part}]"
+        part_list = non_negative_values(values, name=name)
+        require_length(
+            name, len(part_list), num_items, per=words.item, counted=items_counted, unit="size"
+        )
+        checked.append(part_list)
+    return checked
 
 
 def checked_index(value: object, *, name: str, size: int, what: str) -> int:

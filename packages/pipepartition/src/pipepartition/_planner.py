@@ -45,6 +45,7 @@ def plan_partition(
     speeds: Sequence[float] | None = None,
     capacities: Sequence[float] | None = None,
     sizes: Sequence[float] | None = None,
+    part_sizes: Sequence[Sequence[float]] | None = None,
 ) -> PartitionPlan:
     """Split ``len(names)`` layers into ``num_stages`` contiguous stages by ``method``.
 
@@ -57,8 +58,9 @@ def plan_partition(
     - ``Weights(weights)``: balance the given per-layer weights.
     - ``Boundaries(boundaries)``: take the boundaries as given (checked); every layer costs 1.
 
-    Balanced methods are min-max optimal and honour ``speeds``, ``capacities`` and ``sizes``
-    exactly as :func:`partition_balanced` does. 'uniform' and ``Boundaries`` place layers
+    Balanced methods are min-max optimal and honour ``speeds``, ``capacities``, ``sizes``
+    and ``part_sizes`` (one list of layer sizes per stage, for sizes that depend on the
+    stage) exactly as :func:`partition_balanced` does. 'uniform' and ``Boundaries`` place layers
     without looking at speeds; speeds are still recorded in the plan (its table shows stage
     times) and capacities are still checked (``sizes`` default to the plan's costs). When
     there are at least as many layers as stages, no stage is empty.
@@ -70,7 +72,8 @@ def plan_partition(
         TypeError: a name is not a str, or a number is not a real number.
         ValueError: a bad method, a missing ``parameters`` / ``profile``, a per-layer or
             per-stage sequence of the wrong length, a pattern that matches no layer,
-            boundaries that do not fit the layers, or capacities that cannot be met.
+            boundaries that do not fit the layers, or capacities that cannot be met (a
+            :class:`CapacityError`, with the closest split and the shortfall as values).
     """
     chosen = parse_method(method)
     stages = count(num_stages, name="num_stages", minimum=1)
@@ -91,6 +94,7 @@ def plan_partition(
         num_items=num_layers,
         words=LAYERS,
         items_counted=counted,
+        part_sizes=part_sizes,
     )
 
     costs: list[Real]
@@ -193,7 +197,7 @@ def _require_capacities(
         return
     require_layout_fits(
         boundaries,
-        costs if constraints.sizes is None else constraints.sizes,
+        constraints.sizes_by_part(list(costs), len(boundaries) - 1),
         constraints.capacities,
         words=LAYERS,
         why=f"method '{method}' places layers without looking at capacities; use a balanced "

@@ -16,6 +16,7 @@ prefix sums. See ``_balanced`` for why this makes the float optimum exact too.
 
 from __future__ import annotations
 
+import copy
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -109,42 +110,80 @@ class SegmentModel:
         exact: bool,
         speeds: list[Real] | None,
         capacities: list[Real] | None,
-        sizes: list[Real],
+        part_sizes: list[list[Real]],
     ) -> None:
         self.num_items = len(costs)
         self.num_stages = num_stages
         self.speeds = speeds
-        self.capacities = capacities
         self.prefix: list[Real] = list(accumulate(costs, initial=0))
         self.exact = exact
         # The cost of one layer as the objective sees it (a prefix difference, see the note).
         self.item_costs = costs if self.exact else list(map(sub, self.prefix[1:], self.prefix))
         self.max_item_cost: Real = max(self.item_costs, default=0)
+        # Sizes per stage (stages given the same list share its prefix sums and table), and
+        # their envelope: each layer's smallest size on any stage, a sound bound for pruning
+        # and, when every stage shares one list, simply that list.
+        self.shared_sizes = all(sizes is part_sizes[0] for sizes in part_sizes)
+        self.part_size_prefix: list[list[Real]] = []
+        self.part_item_sizes: list[list[Real]] = []
         self.size_prefix: list[Real] = []
         self.item_sizes: list[Real] = []
         self.max_item_size: Real = 0
+        self._size_tables: dict[int, RangeMax] = {}
         if capacities is not None:
-            self.size_prefix = list(accumulate(sizes, initial=0))
-            exact_sizes = all_ints(sizes)
-            self.item_sizes = (
-                sizes if exact_sizes else list(map(sub, self.size_prefix[1:], self.size_prefix))
-            )
+            computed: dict[int, tuple[list[Real], list[Real]]] = {}
+            for sizes in part_sizes:
+                if id(sizes) not in computed:
+                    prefix = list(accumulate(sizes, initial=0))
+                    items = sizes if all_ints(sizes) else list(map(sub, prefix[1:], prefix))
+                    computed[id(sizes)] = (prefix, items)
+            self.part_size_prefix = [computed[id(sizes)][0] for sizes in part_sizes]
+            self.part_item_sizes = [computed[id(sizes)][1] for sizes in part_sizes]
+            if self.shared_sizes:
+                self.size_prefix, self.item_sizes = computed[id(part_sizes[0])]
+            else:
+                self.item_sizes = [
+                    min(column) for column in zip(*self.part_item_sizes, strict=True)
+                ]
+                self.size_prefix = list(accumulate(self.item_sizes, initial=0))
             self.max_item_size = max(self.item_sizes, default=0)
+        self.part_max_item_size: list[Real] = [
+            max(items, default=0) for items in self.part_item_sizes
+        ]
         self._cost_table: RangeMax | None = None
-        self._size_table: RangeMax | None = None
         # Total speed / capacity of stages s.. and of stages ..s-1, for pruning positions
         # the other stages could never make up for (see lowest_start / highest_start).
         weights_per_stage: list[Real] = speeds if speeds is not None else [1] * num_stages
         self._speed_after = list(accumulate(reversed(weights_per_stage), initial=0))[::-1]
         self._speed_before = list(accumulate(weights_per_stage, initial=0))
+        self._set_capacities(capacities)
+
+    def _set_capacities(self, capacities: list[Real] | None) -> None:
+        self.capacities = capacities
         self._capacity_after: list[Real] | None = None
         self._capacity_before: list[Real] | None = None
         if capacities is not None and math.inf not in capacities:
             self._capacity_after = list(accumulate(reversed(capacities), initial=0))[::-1]
             self._capacity_before = list(accumulate(capacities, initial=0))
         self._exact_sizes = capacities is None or (
-            all_ints(capacities) and all_ints(self.item_sizes)
+            all_ints(capacities) and all(all_ints(items) for items in self.part_item_sizes)
         )
+
+    @property
+    def exact_sizes(self) -> bool:
+        """Whether sizes and capacities are all ints, so size comparisons are exact."""
+        return self._exact_sizes
+
+    def with_capacities(self, capacities: list[Real]) -> SegmentModel:
+        """This model with other capacities (its size and cost tables shared, not rebuilt)."""
+        model = copy.copy(self)
+        model._set_capacities(capacities)
+        return model
+
+    def stage_size(self, stage: int, start: int, end: int) -> Real:
+        """What layers ``[start, end)`` weigh against stage ``stage``'s capacity."""
+        sizes = self.part_size_prefix[stage]
+        return sizes[end] - sizes[start]
 
     # -- one stage, one run ------------------------------------------------------------
 
@@ -185,7 +224,7 @@ class SegmentModel:
         if self.capacities is not None:
             capacity = self.capacities[stage]
             if capacity != math.inf:
-                sizes = self.size_prefix
+                sizes = self.part_size_prefix[stage]
                 base_size = sizes[start]
                 guess = bisect_right(sizes, base_size + capacity, start, end + 1) - 1
                 end = _settle_end(
@@ -212,7 +251,7 @@ class SegmentModel:
         if self.capacities is not None:
             capacity = self.capacities[stage]
             if capacity != math.inf:
-                sizes = self.size_prefix
+                sizes = self.part_size_prefix[stage]
                 top_size = sizes[end]
                 guess = max(start, bisect_left(sizes, top_size - capacity, 0, end + 1))
                 start = _settle_start(
@@ -244,12 +283,12 @@ class SegmentModel:
                 hits = self._cost_table.positions_where(first, last, too_costly)
         if self.capacities is not None:
             capacity = self.capacities[stage]
-            if self.max_item_size > capacity:
-                if self._size_table is None:
-                    self._size_table = RangeMax(self.item_sizes)
-                too_big = self._size_table.positions_where(
-                    first, last, lambda size: size > capacity
-                )
+            if self.part_max_item_size[stage] > capacity:
+                items = self.part_item_sizes[stage]
+                table = self._size_tables.get(id(items))
+                if table is None:
+                    table = self._size_tables[id(items)] = RangeMax(items)
+                too_big = table.positions_where(first, last, lambda size: size > capacity)
                 hits = sorted(set(hits).union(too_big)) if hits else too_big
         return hits
 

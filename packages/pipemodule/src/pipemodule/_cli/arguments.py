@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from pipemodule import OPTIMIZER_STATES, __version__
+from pipemodule._cli.byte_sizes import parse_bytes
 from pipepartition import PartitionMethod, Profile, parse_method
 
 __all__ = ["PROG", "Options", "Target", "UsageError", "parse_arguments", "partition_method"]
@@ -33,14 +34,19 @@ adam/adamw keep 2 states per trainable parameter, sgd 1 (its momentum buffer), n
 SGD). With --schedule, --microbatches and --input-shape, each stage also counts the bytes
 autograd saves for one micro-batch (its layers run on meta under saved-tensor hooks) times the
 micro-batches it holds at its peak in torch's order for that schedule (activation_bytes), and
-peak_bytes is the sum; the footer names the stage that limits. Mixed-precision master
+peak_bytes is the sum; the footer names the stage that limits. --memory-limit SIZE (one
+limit for every stage; KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000) makes the partition
+the fastest one whose every stage's peak is within SIZE, or says which stage needs how much
+more and what would fit. Mixed-precision master
 weights and stage-boundary buffers are not included. A tied module
 (TiedLayerSpec) is held by every stage that uses its key, so it is counted on each of them.
 
 exit status: 0 success, 2 bad arguments, factory, layers or method.
 
 example:
-  pipeplan pipemodule.examples:gpt_layers --stages 4 --arg depth=24 --arg hidden=1024"""
+  pipeplan pipemodule.examples:gpt_layers --stages 4 --arg depth=24 --arg hidden=1024
+  pipeplan pipemodule.examples:gpt_layers --stages 4 --schedule 1f1b --microbatches 8 \\
+      --input-shape 4,2048 --memory-limit 80GiB"""
 
 
 class UsageError(Exception):
@@ -75,6 +81,7 @@ class Options:
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "int64"
     checkpoint_interval: int = 0
+    memory_limit: int | None = None
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -130,6 +137,13 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 0")
     return value
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _keyword(text: str) -> tuple[str, object]:
@@ -231,6 +245,15 @@ def _parser() -> argparse.ArgumentParser:
         help="activation checkpointing in chunks of K layers (PipelineModule's "
         "activation_checkpoint_interval; default 0: off)",
     )
+    parser.add_argument(
+        "--memory-limit",
+        type=_bytes,
+        metavar="SIZE",
+        help="the most each stage may hold at its training peak (parameters, gradients, "
+        "optimizer state, saved activations; needs --schedule, --microbatches and "
+        "--input-shape), e.g. 80GiB, 512MiB, 1.5GB (powers of 1000) or plain bytes: the "
+        "partition becomes the fastest one within it",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object for tools")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -253,6 +276,7 @@ def parse_arguments(argv: Sequence[str] | None) -> Options:
         input_shape=namespace.input_shape,
         input_dtype=namespace.input_dtype,
         checkpoint_interval=namespace.checkpoint_interval,
+        memory_limit=namespace.memory_limit,
     )
 
 

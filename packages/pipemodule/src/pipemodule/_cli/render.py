@@ -113,9 +113,15 @@ def _footer(report: Report) -> list[str]:
             f"for backward per micro-batch ({dtype}[{shape}]) x micro-batches in flight under "
             f"{memory.schedule}, m={memory.n_microbatches}{ckpt}"
         )
+        within = (
+            ""
+            if options.memory_limit is None
+            else f" of the limit {format_bytes(options.memory_limit)} per stage "
+            f"({limiting.peak_bytes / options.memory_limit:.0%})"
+        )
         lines.append(
             f"limiting: stage {limiting.stage} (rank {report.layout.pipe_rank_of(limiting.stage)})"
-            f", peak {format_bytes(limiting.peak_bytes)}"
+            f", peak {format_bytes(limiting.peak_bytes)}{within}"
         )
         if report.layout.stages_per_rank > 1:
             peaks = ", ".join(format_bytes(peak) for peak in memory.rank_peak_bytes)

@@ -14,6 +14,7 @@ from pipemodule import (
     PipelineLayout,
     StageMemory,
     TieGroup,
+    TrainingStep,
     estimate_stage_memory,
     plan_memory,
     plan_pipeline,
@@ -35,6 +36,8 @@ class ActivationOptions:
     input_shape: tuple[int, ...]
     input_dtype: torch.dtype
     checkpoint_interval: int = 0
+    memory_limit: int | None = None
+    """Bytes every stage's peak must stay within (``--memory-limit``), or None."""
 
 
 def activation_options(options: Options) -> ActivationOptions | None:
@@ -45,6 +48,12 @@ def activation_options(options: Options) -> ActivationOptions | None:
         "--input-shape": options.input_shape,
     }
     if all(value is None for value in given.values()):
+        if options.memory_limit is not None:
+            raise UsageError(
+                "--memory-limit caps each stage's training peak, which depends on the schedule "
+                "and the micro-batch: add --schedule, --microbatches and --input-shape (e.g. "
+                "--schedule 1f1b --microbatches 8 --input-shape 4,2048)"
+            )
         if options.checkpoint_interval:
             raise UsageError(
                 "--checkpoint-interval changes activations only: add --schedule, --microbatches "
@@ -66,7 +75,9 @@ def activation_options(options: Options) -> ActivationOptions | None:
     schedule, microbatches, shape = options.schedule, options.microbatches, options.input_shape
     if schedule is None or microbatches is None or shape is None:  # told above; for the types
         raise UsageError("activations need --schedule, --microbatches and --input-shape")
-    return ActivationOptions(schedule, microbatches, shape, dtype, options.checkpoint_interval)
+    return ActivationOptions(
+        schedule, microbatches, shape, dtype, options.checkpoint_interval, options.memory_limit
+    )
 
 
 def counted(number: int, noun: str) -> str:
@@ -163,6 +174,8 @@ def make_report(
         stages = estimate_stage_memory(layout, optimizer_states=states)
         return Report(target, arguments, optimizer, layout, tuple(stages))
     sample = torch.empty(activations.input_shape, dtype=activations.input_dtype, device="meta")
+    if activations.memory_limit is not None:
+        layout = _limited_layout(target, layers, layout, method, sample, states, activations)
     try:
         memory = plan_memory(
             layout,
@@ -181,6 +194,46 @@ def make_report(
     return Report(
         target, arguments, optimizer, layout, memory.stages, memory=memory, activations=activations
     )
+
+
+def _limited_layout(
+    target: Target,
+    layers: Sequence[Layer],
+    unlimited: PipelineLayout,
+    method: PartitionMethod,
+    sample: torch.Tensor,
+    states: int,
+    activations: ActivationOptions,
+) -> PipelineLayout:
+    """The fastest layout whose every stage's peak fits ``--memory-limit``."""
+    step = TrainingStep(
+        sample,
+        activations.schedule,
+        activations.microbatches,
+        optimizer_states=states,
+        activation_checkpoint_interval=activations.checkpoint_interval,
+    )
+    limit = activations.memory_limit
+    if limit is None:  # the caller's condition; for the types
+        return unlimited
+    try:
+        layout = plan_pipeline(
+            layers,
+            num_stages=unlimited.placement.pipe_ranks,
+            partition_method=method,
+            stages_per_rank=unlimited.stages_per_rank,
+            stage_placement=unlimited.placement.kind,
+            stage_memory_limits=[limit] * unlimited.num_stages,
+            training_step=step,
+            describe=True,
+        )
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--memory-limit {limit:,} bytes for {target}: {error}") from None
+    except RuntimeError as error:
+        raise UsageError(
+            f"running the layers of {target} on the meta device failed: {one_line(error)}"
+        ) from error
+    return layout.with_layer_infos()
 
 
 def _loads(report: Report) -> list[float]:
@@ -270,6 +323,7 @@ def _memory_json(report: Report) -> dict[str, Any]:
         "input_shape": list(options.input_shape),
         "input_dtype": str(options.input_dtype).removeprefix("torch."),
         "activation_checkpoint_interval": memory.activation_checkpoint_interval,
+        "memory_limit_bytes": options.memory_limit,
         "rank_peak_bytes": list(memory.rank_peak_bytes),
         "limiting_stage": memory.limiting_stage,
         "limiting_rank": memory.limiting_rank,

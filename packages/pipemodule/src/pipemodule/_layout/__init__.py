@@ -28,6 +28,7 @@ from pipemodule._layout.memory import (
 )
 from pipemodule._layout.placement import PLACEMENTS, StagePlacement
 from pipemodule._layout.ties import TieGroup, find_ties
+from pipemodule._layout.training_step import TrainingStep
 
 __all__ = [
     "OPTIMIZER_STATES",
@@ -43,6 +44,7 @@ __all__ = [
     "StageMemory",
     "StagePlacement",
     "TieGroup",
+    "TrainingStep",
     "check_layers",
     "check_pipeline_arguments",
     "construction_fingerprint",

@@ -11,6 +11,7 @@ from pipemodule._layout.facts import describe_layers, unique_layers
 from pipemodule._layout.fingerprint import ConstructionFingerprint, layer_signature
 from pipemodule._layout.placement import StagePlacement
 from pipemodule._layout.ties import TieGroup, find_ties, tie_groups
+from pipemodule._layout.training_step import TrainingStep
 from pipepartition import (
     Parameters,
     PartitionMethod,
@@ -189,6 +190,8 @@ class PipelineArguments:
     stage_memory_limits: tuple[float, ...] | None
     tie_layers: Mapping[str, tuple[int, ...]]
     """Every tie key's layer indices, as :func:`find_ties` checked them."""
+    training_step: TrainingStep | None = None
+    """The step whose per-stage peak ``stage_memory_limits`` caps; None: parameter bytes."""
 
     @property
     def needs_profile(self) -> bool:
@@ -212,6 +215,7 @@ def check_pipeline_arguments(
     stage_memory_limits: Sequence[float] | None = None,
     stages_per_rank: int = 1,
     stage_placement: str = "loop",
+    training_step: TrainingStep | None = None,
 ) -> PipelineArguments:
     """Check everything :func:`plan_pipeline` takes except the measurements; see there."""
     checked = check_layers(layers)
@@ -221,6 +225,17 @@ def check_pipeline_arguments(
     require_layer_per_stage(len(checked), None, stages)
     # Occurrences of a key that build different modules, or name no tensor, are refused now.
     tie_layers = find_ties(checked)
+    if training_step is not None and not isinstance(training_step, TrainingStep):
+        raise TypeError(
+            f"training_step={training_step!r} is a {type(training_step).__name__}; pass a "
+            f"pipemodule.TrainingStep(sample, schedule, n_microbatches, ...) or None"
+        )
+    if training_step is not None and stage_memory_limits is None:
+        raise ValueError(
+            "training_step only tells stage_memory_limits what peak to cap; pass "
+            "stage_memory_limits=[bytes per stage] too, or drop training_step (plan_memory "
+            "gives the peaks of any layout)"
+        )
     return PipelineArguments(
         layers=checked,
         topology=resolved,
@@ -229,6 +244,7 @@ def check_pipeline_arguments(
         stage_speeds=per_stage("stage_speeds", stage_speeds, stages),
         stage_memory_limits=per_stage("stage_memory_limits", stage_memory_limits, stages),
         tie_layers=tie_layers,
+        training_step=training_step,
     )
 
 
@@ -245,6 +261,7 @@ def plan_pipeline(
     stage_placement: str = "loop",
     profile: Sequence[float] | None = None,
     describe: bool = False,
+    training_step: TrainingStep | None = None,
 ) -> PipelineLayout:
     """Compute the layout of a pipeline over ``layers``, locally, without communication.
 
@@ -256,6 +273,16 @@ def plan_pipeline(
     a memory limit or ``describe=True`` needs their parameter counts; 'uniform' and 'type:REGEX'
     layouts construct nothing. ``partition_method='profile'`` needs ``profile``: the measured
     seconds of every layer (``PipelineModule`` measures them on ``profile_input``).
+
+    ``stage_memory_limits`` (bytes, one per stage) cap what a stage holds. Without
+    ``training_step`` they cap its parameter bytes only (no gradients, optimizer state or
+    activations), as DeepSpeed-style limits do. With ``training_step`` (a
+    :class:`TrainingStep`: one micro-batch's input to the first layer, the schedule,
+    ``n_microbatches``, the optimizer's states per parameter, checkpointing) they cap each
+    stage's training peak as :func:`plan_memory` counts it, and the partition is the fastest
+    one within them (with activation checkpointing: one within them, checked exactly; see
+    ``_layout/memory_limits.py``). If none fits, ValueError names the stage, how many bytes
+    more it needs and what would fit. The loss's own saves are not counted.
 
     Example::
 
@@ -281,6 +308,7 @@ def plan_pipeline(
         stage_memory_limits=stage_memory_limits,
         stages_per_rank=stages_per_rank,
         stage_placement=stage_placement,
+        training_step=training_step,
     )
     return layout_of(arguments, profile=profile, describe=describe)
 
@@ -302,25 +330,42 @@ def layout_of(
     if describe or isinstance(arguments.method, Parameters) or limits is not None:
         infos = describe_layers(layers)
     stages = arguments.placement.num_stages
-    plan = plan_partition(
-        arguments.method,
-        stages,
-        names=[layer_name(layer) for layer in layers],
-        parameters=None if infos is None else [info.trainable_params for info in infos],
-        profile=profile,
-        speeds=arguments.stage_speeds,
-        capacities=limits,
-        sizes=None if infos is None or limits is None else [info.param_bytes for info in infos],
-    )
-    require_layer_per_stage(len(layers), plan, stages)
-    return PipelineLayout(
-        layers=layers,
-        topology=arguments.topology,
-        method=arguments.method,
-        plan=plan,
-        placement=arguments.placement,
-        ties=tie_groups(
-            layers, plan, arguments.topology, arguments.placement, arguments.tie_layers
-        ),
-        infos=infos,
-    )
+    names = [layer_name(layer) for layer in layers]
+
+    def partition(
+        capacities: Sequence[float] | None, part_sizes: list[list[int]] | None
+    ) -> PartitionPlan:
+        return plan_partition(
+            arguments.method,
+            stages,
+            names=names,
+            parameters=None if infos is None else [info.trainable_params for info in infos],
+            profile=profile,
+            speeds=arguments.stage_speeds,
+            capacities=capacities,
+            sizes=None
+            if infos is None or capacities is None or part_sizes is not None
+            else [info.param_bytes for info in infos],
+            part_sizes=part_sizes,
+        )
+
+    def assemble(plan: PartitionPlan) -> PipelineLayout:
+        require_layer_per_stage(len(layers), plan, stages)
+        return PipelineLayout(
+            layers=layers,
+            topology=arguments.topology,
+            method=arguments.method,
+            plan=plan,
+            placement=arguments.placement,
+            ties=tie_groups(
+                layers, plan, arguments.topology, arguments.placement, arguments.tie_layers
+            ),
+            infos=infos,
+        )
+
+    if limits is not None and arguments.training_step is not None:
+        # Imported here: memory_limits counts activations, whose modules import this one.
+        from pipemodule._layout.memory_limits import peak_capped_layout
+
+        return peak_capped_layout(arguments.training_step, limits, partition, assemble)
+    return assemble(partition(limits, None))

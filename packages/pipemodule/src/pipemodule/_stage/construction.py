@@ -23,6 +23,7 @@ from pipemodule._layout import (
     layout_of,
 )
 from pipemodule._layout.fingerprint import qualified_name
+from pipemodule._layout.training_step import TrainingStep
 from pipemodule._stage.activation_checkpoint import CheckpointFn
 from pipemodule._stage.device import resolve_device
 from pipemodule._stage.options import StageOptions, refuse_instances
@@ -105,6 +106,7 @@ def prepare_construction(
     stages_per_rank: int,
     stage_placement: str,
     refuse: type,
+    training_step: TrainingStep | None = None,
 ) -> tuple[ConstructionFingerprint, Prepared]:
     """Check every argument and compute the layout; no communication, no process group.
 
@@ -119,6 +121,10 @@ def prepare_construction(
         activation_checkpoint_func=activation_checkpoint_func,
         checkpointable_layers=StageOptions.layer_classes(checkpointable_layers),
     )
+    if isinstance(training_step, TrainingStep):
+        training_step = _with_module_checkpointing(
+            training_step, activation_checkpoint_interval, checkpointable_layers
+        )
     arguments = check_pipeline_arguments(
         layers,
         num_stages,
@@ -129,6 +135,7 @@ def prepare_construction(
         stage_memory_limits=stage_memory_limits,
         stages_per_rank=stages_per_rank,
         stage_placement=stage_placement,
+        training_step=training_step,
     )
     refuse_instances(arguments.layers, refuse, "nested pipelines are not supported")
     if arguments.needs_profile and profile_input is None:
@@ -144,3 +151,20 @@ def prepare_construction(
         fingerprint, seeding=seeding_signature(seed_layers, seed_fn, base_seed)
     )
     return fingerprint, Prepared(options, arguments, layout, resolved_device)
+
+
+def _with_module_checkpointing(
+    step: TrainingStep, interval: int, classes: Sequence[str] | None
+) -> TrainingStep:
+    """``step`` with the module's own checkpointing, which is what its stages will run."""
+    if step.activation_checkpoint_interval not in (0, interval):
+        raise ValueError(
+            f"training_step has activation_checkpoint_interval="
+            f"{step.activation_checkpoint_interval} but the PipelineModule checkpoints every "
+            f"{interval} layers; leave it out of TrainingStep (the module's value is used)"
+        )
+    return dataclasses.replace(
+        step,
+        activation_checkpoint_interval=interval,
+        checkpointable_layers=None if classes is None else tuple(classes),
+    )
