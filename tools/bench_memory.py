@@ -4,11 +4,13 @@ For each layout and schedule, ``plan_memory`` predicts every stage's peak (param
 gradients, Adam state, and saved activations x micro-batches in flight) on the meta device;
 then 2 or 4 gloo ranks run real ``PipelineTrainer`` steps. During the measured step the same
 saved-tensor hooks count what autograd really keeps, live, per stage (a save counts until
-autograd drops it); parameters, gradients and optimizer state are counted after the step. The
-peak growth of each rank's resident memory during the step (sampled every 1 ms, with
-glibc returning large blocks at once) is a second opinion on the activations: it also sees
-temporaries, the per-micro-batch receive buffers and the chunk a checkpointed backward
-recomputes, which the hooks do not.
+autograd drops it; a stage's output that the next stage on the same rank saves as its input
+counts for both stages, and once in the rank's total); parameters, gradients and optimizer
+state are counted after the step. The peak growth of each rank's resident memory during the
+step (sampled every 1 ms, with glibc returning large blocks at once) is a second opinion on
+the activations: it also sees temporaries, the per-micro-batch receive buffers, the
+gradients a split backward keeps between its input and weight passes and the chunk a
+checkpointed backward recomputes, which the hooks do not.
 
     hatch run bench-memory
     hatch run bench-memory --rows 512 --width 256

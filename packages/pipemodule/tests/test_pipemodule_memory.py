@@ -161,3 +161,90 @@ def test_a_schedule_that_places_stages_otherwise_is_refused() -> None:
         plan_memory(
             layout, sample(), schedule="zbvzerobubble", n_microbatches=4, optimizer_states=2
         )
+
+
+def test_the_counter_frees_everything_after_torchs_split_backward() -> None:
+    # A saved output held with its grad_fn would keep its node alive after I and W (a cycle
+    # only a full backward breaks): the bench would then see bytes that are long gone.
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    layers = torch.nn.Sequential(*(spec.build() for spec in block() * 2))
+    counter = SavedTensorCounter([*layers.parameters()])
+    x = torch.randn(ROWS, WIDTH, requires_grad=True)
+    with counter.hooks():
+        y = layers(x)
+    # The blocks share one tensor: the first's last output is the second's input.
+    saved = 2 * BLOCK_SAVED - FLOAT * ROWS * WIDTH
+    assert counter.total_live_bytes == saved
+    _, groups = stage_backward_input([y], [torch.ones_like(y)], [x], layers.parameters())
+    # I drops the last Tanh's output; the Linears' nodes, and all below them, wait for W.
+    assert counter.total_live_bytes == saved - FLOAT * ROWS * WIDTH
+    stage_backward_weight(layers.parameters(), groups)
+    del groups
+    assert counter.total_live_bytes == 0
+
+
+def test_a_region_saved_by_two_groups_counts_in_each_and_once_in_total() -> None:
+    counter = SavedTensorCounter()
+    x = torch.randn(ROWS, WIDTH, requires_grad=True)
+    with counter.hooks():
+        counter.group = 0
+        y = x.tanh()  # saves its output
+        counter.group = 1
+        leaf = y.detach().requires_grad_()  # the next stage's input: the same storage
+        z = leaf * leaf  # saves it (twice: once counted)
+        del leaf
+    size = FLOAT * ROWS * WIDTH
+    assert counter.live_bytes == {0: size, 1: size}
+    assert counter.total_live_bytes == size
+    del y
+    assert counter.total_live_bytes == size  # group 1 still holds it
+    del z
+    assert counter.total_live_bytes == 0
+
+
+def test_the_input_pass_keeps_what_the_weight_pass_needs() -> None:
+    layout = plan_pipeline(block() * 2, num_stages=2, partition_method="uniform")
+    found = stage_activations(
+        layout,
+        sample(),
+        loss_fn=torch.nn.functional.mse_loss,
+        labels=sample(),
+        split_backward=True,
+    )
+    # Stage 0's I computes nothing (torch runs its whole backward at W); the last stage's I
+    # frees its last Tanh's output (which the loss saved too) and the loss's target.
+    assert [stage.after_input_bytes for stage in found] == [
+        BLOCK_SAVED,
+        BLOCK_SAVED - FLOAT * ROWS * WIDTH,
+    ]
+
+
+def test_a_zero_bubble_plan_counts_the_input_pass_release() -> None:
+    layout = plan_pipeline(block() * 4, num_stages=2, stages_per_rank=2, partition_method="uniform")
+    plan = plan_memory(
+        layout,
+        sample(),
+        schedule="interleavedzerobubble",
+        n_microbatches=4,
+        optimizer_states=0,
+        loss_fn=torch.nn.functional.mse_loss,
+        labels=sample(),
+    )
+    saved, target = BLOCK_SAVED, FLOAT * ROWS * WIDTH
+    after = saved - FLOAT * ROWS * WIDTH
+    # torch's order: rank 1 peaks on stage 1 with 3 micro-batches whole and 1 past I; stage 3
+    # holds one whole (with the loss's target) and one past I. Measured equal in a real step
+    # (tools/bench_memory.py).
+    assert [(s.microbatches_in_flight, s.microbatches_after_input_pass) for s in plan.stages] == [
+        (4, 0),
+        (4, 1),
+        (2, 0),
+        (2, 1),
+    ]
+    assert [s.activation_bytes for s in plan.stages] == [
+        4 * saved,
+        3 * saved + after,
+        2 * saved,
+        saved + target + after,
+    ]

@@ -14,14 +14,22 @@ saves inside a chunk, and the chunk's inputs are saved through the outer hooks, 
 counter sees is what a checkpointed stage keeps. Its backward recomputes one chunk of one
 micro-batch at a time; that chunk's full saved bytes are the ``recompute_bytes`` a stage needs
 on top, during its backward only.
+
+The split backward of the zero-bubble schedules releases a micro-batch's saves in two parts.
+torch's input-gradient pass (I, ``stage_backward_input``) keeps the autograd nodes the weight
+pass (W) starts from, and with them everything below them; the nodes above (a stage's last
+activation, the loss) die when it detaches the stage's outputs. Which part is which is again
+autograd's business, so the I pass is run as torch runs it, on meta, and what the counter
+still holds afterwards is ``after_input_bytes``. The first stage's I pass computes nothing
+(torch runs its whole backward at W), so it keeps everything.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.utils.checkpoint
@@ -63,13 +71,16 @@ class SavedTensorCounter:
     (its backward ran, or the graph was freed); one region of a storage (same storage, offset
     and size) saved by several nodes counts once. Tensors of ``exclude`` (parameters,
     buffers) and views of them are not activations and are not counted. ``group`` (e.g. the
-    stage whose forward runs) is the bucket new saves are counted in.
+    stage whose forward runs) is the bucket new saves are counted in. A region saved in
+    several groups (a stage's output that the next stage on the same rank saves as its
+    input) counts in each group that holds it, and once in the totals: each stage holds it,
+    the rank allocated it once.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         self._excluded: set[int] = set()
-        self._held: dict[_Key, int] = {}
-        self._group_of: dict[_Key, int] = {}
+        self._held: dict[_Key, dict[int, int]] = {}
+        """For each saved region, how many saves of it each group holds."""
         self.group = 0
         self.live_bytes: dict[int, int] = {}
         """Live saved bytes per group, now."""
@@ -94,13 +105,19 @@ class SavedTensorCounter:
             return tensor
         size = tensor.numel() * tensor.element_size()
         key = (storage, int(tensor.storage_offset()), size)
-        packed = _Packed(tensor)
-        held = self._held.get(key, 0)
-        self._held[key] = held + 1
+        # Detached: a saved output kept with its grad_fn would hold its own autograd node
+        # (packed -> tensor -> grad_fn -> saved variable -> packed), a cycle that only a full
+        # backward breaks; the split backward of the zero-bubble schedules would leak it.
+        packed = _Packed(tensor.detach())
+        group = self.group
+        holders = self._held.setdefault(key, {})
+        if not holders:
+            self._change_total(size)
+        held = holders.get(group, 0)
+        holders[group] = held + 1
         if held == 0:
-            self._group_of[key] = self.group
-            self._change(self.group, size)
-        weakref.finalize(packed, self._release, key, size)
+            self._change(group, size)
+        weakref.finalize(packed, self._release, key, group, size)
         return packed
 
     @staticmethod
@@ -108,18 +125,24 @@ class SavedTensorCounter:
         tensor: torch.Tensor = packed.tensor if isinstance(packed, _Packed) else packed
         return tensor
 
-    def _release(self, key: _Key, size: int) -> None:
-        held = self._held[key] - 1
+    def _release(self, key: _Key, group: int, size: int) -> None:
+        holders = self._held[key]
+        held = holders[group] - 1
         if held:
-            self._held[key] = held
+            holders[group] = held
             return
-        del self._held[key]
-        self._change(self._group_of.pop(key), -size)
+        del holders[group]
+        self._change(group, -size)
+        if not holders:
+            del self._held[key]
+            self._change_total(-size)
 
     def _change(self, group: int, delta: int) -> None:
         live = self.live_bytes.get(group, 0) + delta
         self.live_bytes[group] = live
         self.peak_bytes[group] = max(self.peak_bytes.get(group, 0), live)
+
+    def _change_total(self, delta: int) -> None:
         self.total_live_bytes += delta
         self.total_peak_bytes = max(self.total_peak_bytes, self.total_live_bytes)
 
@@ -132,12 +155,14 @@ class StageActivations:
     (with checkpointing: the chunks' inputs, plus what unchecked layers save), the loss's own
     saves included on the last stage when a loss was given. ``recompute_bytes``: the largest
     checkpointed chunk's saves, rebuilt for one micro-batch during its backward (0 without
-    checkpointing).
+    checkpointing). ``after_input_bytes``: what of ``saved_bytes`` is still held after the
+    input-gradient pass of a split backward, until the weight pass (None when not asked for).
     """
 
     stage: int
     saved_bytes: int
     recompute_bytes: int = 0
+    after_input_bytes: int | None = None
 
 
 def _checkpointable(layers: Sequence[MetaLayer], classes: Sequence[str] | None) -> bool:
@@ -170,6 +195,40 @@ def _counted(
     return out, counter.total_live_bytes
 
 
+def _output_tensors(outputs: Any) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (tuple, list)):
+        return [tensor for item in outputs for tensor in _output_tensors(item)]
+    return []
+
+
+def _after_input_pass(
+    counter: SavedTensorCounter,
+    inputs: tuple[Any, ...],
+    outputs: Any,
+    loss: torch.Tensor | None,
+    weights: list[torch.Tensor],
+) -> int:
+    """Saved bytes still held after torch's input-gradient pass over one stage's graph."""
+    from torch.distributed.pipelining._backward import stage_backward_input
+
+    tensors = _output_tensors(outputs)
+    roots = [loss] if loss is not None else tensors
+    grads = None if loss is not None else [torch.empty_like(tensor) for tensor in tensors]
+    # The meta parameters are plain tensors; torch reads only their autograd nodes.
+    params = cast("Iterator[torch.nn.Parameter]", iter(weights))
+    _, param_groups = stage_backward_input(roots, grads, _output_tensors(inputs), params)
+    if loss is not None:
+        # The last stage also detaches its outputs after I (PipelineStage.backward_one_chunk).
+        for tensor in tensors:
+            if not tensor._is_view():
+                tensor.detach_()
+    kept = counter.total_live_bytes
+    del param_groups  # W's graph: only now may the rest go
+    return kept
+
+
 def stage_activations(
     layout: PipelineLayout,
     sample: Any,
@@ -178,6 +237,7 @@ def stage_activations(
     checkpointable_layers: Sequence[str] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     labels: Any = None,
+    split_backward: bool = False,
 ) -> tuple[StageActivations, ...]:
     """Each stage's saved-for-backward bytes per micro-batch, for a first-layer input ``sample``.
 
@@ -185,7 +245,9 @@ def stage_activations(
     runs on meta as in training: its received floating inputs require grad, its layers run in
     chunks of ``activation_checkpoint_interval`` under torch's checkpoint when it is > 0
     (``checkpointable_layers`` as PipelineModule takes it). With ``loss_fn`` and ``labels``
-    (one micro-batch of them) the last stage also counts what the loss saves.
+    (one micro-batch of them) the last stage also counts what the loss saves. With
+    ``split_backward`` each stage also runs torch's input-gradient pass on meta and reports
+    what it keeps for the weight pass (``after_input_bytes``).
 
     Raises:
         RuntimeError: a layer or the loss fails on the meta device.
@@ -203,6 +265,7 @@ def stage_activations(
             indices = layout.layers_of(stage)
             layers = [meta_layer(layout, index, tied) for index in indices]
             state = [tensor for layer in layers for tensor in layer.state]
+            inputs = x if isinstance(x, tuple) else (x,)
             counter = SavedTensorCounter(state)
             recompute = 0
             step = interval if interval > 0 else len(layers)
@@ -240,7 +303,23 @@ def stage_activations(
                             f"{describe_values(outputs)} and labels {describe_values(labels)}: "
                             f"{error}; pass a loss that runs on any device, or no loss_fn"
                         ) from error
-            found.append(StageActivations(stage, counter.total_live_bytes, recompute))
+            saved = counter.total_live_bytes
+            received = meta_like(x)  # the next stage's fresh leaves, as a receive makes them
+            after_input: int | None = None
+            if split_backward:
+                after_input = saved
+                if stage > 0:
+                    weights = [tensor for tensor in state if tensor.requires_grad]
+                    try:
+                        after_input = _after_input_pass(counter, inputs, x, loss, weights)
+                    except Exception as error:
+                        raise RuntimeError(
+                            f"torch's input-gradient pass (stage_backward_input) failed on "
+                            f"the meta device for stage {stage}: {error}; a split-backward "
+                            f"schedule needs a backward that runs on any device, or use a "
+                            f"schedule with a full backward (e.g. '1f1b', 'interleaved1f1b')"
+                        ) from error
+            found.append(StageActivations(stage, saved, recompute, after_input))
             del loss
-            x = meta_like(x)  # the next stage receives fresh leaves, as a receive makes them
+            x = received
     return tuple(found)

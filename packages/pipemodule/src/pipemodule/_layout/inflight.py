@@ -1,10 +1,11 @@
 """How many micro-batches each stage holds activations for, in the order torch runs them.
 
 A micro-batch's saved activations live on a stage from its forward (F) until its backward: a
-full backward (B), or for the split backward of the zero-bubble schedules the weight part (W),
-since torch's input part (I) keeps the graph (``retain_graph``) for W. Counting F and B/W
-along each rank's action list gives the micro-batches in flight at every moment; the peak is
-what a stage must hold memory for.
+full backward (B), or for the split backward of the zero-bubble schedules the weight part (W).
+torch's input part (I) keeps the graph W starts from and releases the rest, so between I and
+W a micro-batch holds only part of its saves (``after_input_bytes``, measured on meta by
+``activations.py``). Counting F, I and B/W along each rank's action list gives the bytes held
+at every moment; the peak is what a stage must hold memory for.
 
 The action lists are torch's own:
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from unittest import mock
 
-__all__ = ["Action", "ScheduleOrder", "schedule_order"]
+__all__ = ["Action", "ScheduleOrder", "StagePeak", "schedule_order"]
 
 
 class Action(NamedTuple):
@@ -36,6 +37,18 @@ class Action(NamedTuple):
     kind: str
     stage: int
     microbatch: int
+
+
+class StagePeak(NamedTuple):
+    """A stage's most saved bytes at once, and the micro-batches it holds at that moment.
+
+    ``microbatches``: forward done, backward (B or W) not yet; ``after_input_pass``: of those,
+    the ones whose input-gradient pass (I) ran, holding only what W needs.
+    """
+
+    microbatches: int
+    after_input_pass: int
+    saved_bytes: int
 
 
 @dataclass(frozen=True)
@@ -66,29 +79,77 @@ class ScheduleOrder:
                 peaks[action.stage] = max(peaks[action.stage], held[action.stage])
         return tuple(peaks)
 
-    def rank_peaks(self, saved_bytes: Sequence[int]) -> tuple[int, ...]:
+    @property
+    def splits_backward(self) -> bool:
+        """Whether some backward runs as separate input (I) and weight (W) passes."""
+        return any(action.kind == "I" for actions in self.ranks for action in actions)
+
+    def stage_peaks(
+        self, saved_bytes: Sequence[int], after_input_bytes: Sequence[int] | None = None
+    ) -> tuple[StagePeak, ...]:
+        """Each stage's most saved bytes at once along its rank's order, and what it holds then.
+
+        ``saved_bytes[s]``: what stage s saves per micro-batch at its forward;
+        ``after_input_bytes[s]``: what of it is still held between I and W (default: all).
+        """
+        saved, after = self._per_stage(saved_bytes, after_input_bytes)
+        peaks = [StagePeak(0, 0, 0)] * self.num_stages
+        for actions in self.ranks:
+            full = [0] * self.num_stages
+            split = [0] * self.num_stages
+            for action in actions:
+                stage = action.stage
+                full[stage] += _full_change(action.kind)
+                split[stage] += _split_change(action.kind)
+                held = full[stage] * saved[stage] + split[stage] * after[stage]
+                if held > peaks[stage].saved_bytes:
+                    peaks[stage] = StagePeak(full[stage] + split[stage], split[stage], held)
+        return tuple(peaks)
+
+    def rank_peaks(
+        self, saved_bytes: Sequence[int], after_input_bytes: Sequence[int] | None = None
+    ) -> tuple[int, ...]:
         """Each rank's most saved bytes at once, given each stage's bytes per micro-batch.
 
         With several stages per rank the peak is not the sum of the stages' peaks: it is
-        taken along the rank's own order.
+        taken along the rank's own order. ``after_input_bytes`` as for :meth:`stage_peaks`.
         """
-        if len(saved_bytes) != self.num_stages:
-            raise ValueError(
-                f"saved_bytes has {len(saved_bytes)} entries for {self.num_stages} stages; "
-                f"give one per stage"
-            )
+        saved, after = self._per_stage(saved_bytes, after_input_bytes)
         peaks = []
         for actions in self.ranks:
             live = peak = 0
             for action in actions:
-                live += _change(action.kind) * saved_bytes[action.stage]
+                live += _full_change(action.kind) * saved[action.stage]
+                live += _split_change(action.kind) * after[action.stage]
                 peak = max(peak, live)
             peaks.append(peak)
         return tuple(peaks)
 
+    def _per_stage(
+        self, saved_bytes: Sequence[int], after_input_bytes: Sequence[int] | None
+    ) -> tuple[Sequence[int], Sequence[int]]:
+        after = saved_bytes if after_input_bytes is None else after_input_bytes
+        for name, values in (("saved_bytes", saved_bytes), ("after_input_bytes", after)):
+            if len(values) != self.num_stages:
+                raise ValueError(
+                    f"{name} has {len(values)} entries for {self.num_stages} stages; "
+                    f"give one per stage"
+                )
+        return saved_bytes, after
+
 
 def _change(kind: str) -> int:
     return {"F": 1, "B": -1, "W": -1}.get(kind, 0)
+
+
+def _full_change(kind: str) -> int:
+    # Micro-batches holding all their saves: from F until B, or until I hands them to W.
+    return {"F": 1, "B": -1, "I": -1}.get(kind, 0)
+
+
+def _split_change(kind: str) -> int:
+    # Micro-batches holding what W needs: from I until W.
+    return {"I": 1, "W": -1}.get(kind, 0)
 
 
 def _single_stage_order(name: str, ranks: int, microbatches: int) -> list[tuple[Action, ...]]:

@@ -7,7 +7,9 @@ is counted on each of those stages: that is what each GPU really holds.
 Activations depend on the micro-batch, the schedule and activation checkpointing, so they are
 counted only when those are given (:func:`plan_memory`): the bytes autograd saves per
 micro-batch on each stage (run on meta, ``activations.py``) times the micro-batches the stage
-holds at its peak in torch's own action order (``inflight.py``). Not counted: the receive and
+holds at its peak in torch's own action order (``inflight.py``); under a split backward
+(zero-bubble schedules) a micro-batch whose input-gradient pass ran holds only what its weight
+pass needs, also measured on meta by running torch's input pass. Not counted: the receive and
 gradient buffers PipelineStage allocates per micro-batch at a stage boundary, a stage output
 that autograd does not save, temporaries of one forward or backward (gradients in flight,
 workspace), the allocator's caching and mixed-precision master copies.
@@ -46,7 +48,10 @@ class StageMemory:
     (:func:`plan_memory`): ``saved_bytes_per_microbatch`` is what autograd keeps of one
     micro-batch until its backward, ``microbatches_in_flight`` how many the stage holds at
     its peak, ``recompute_bytes`` what activation checkpointing rebuilds during one backward,
-    and ``activation_bytes`` their product plus the recomputation.
+    and ``activation_bytes`` their product plus the recomputation. Under a split backward
+    (zero-bubble schedules), ``microbatches_after_input_pass`` of the micro-batches in flight
+    had their input-gradient pass and hold only ``saved_bytes_after_input_pass`` each (what
+    the weight pass needs) instead of ``saved_bytes_per_microbatch``.
     """
 
     stage: int
@@ -61,6 +66,8 @@ class StageMemory:
     saved_bytes_per_microbatch: int = 0
     microbatches_in_flight: int = 0
     recompute_bytes: int = 0
+    saved_bytes_after_input_pass: int = 0
+    microbatches_after_input_pass: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -69,8 +76,17 @@ class StageMemory:
 
     @property
     def activation_bytes(self) -> int:
-        """Saved activations at the stage's peak: in flight x per micro-batch + recomputed."""
-        return self.microbatches_in_flight * self.saved_bytes_per_microbatch + self.recompute_bytes
+        """Saved activations at the stage's peak: in flight x per micro-batch + recomputed.
+
+        Micro-batches past their input-gradient pass count their smaller remainder.
+        """
+        after = self.microbatches_after_input_pass
+        before = self.microbatches_in_flight - after
+        return (
+            before * self.saved_bytes_per_microbatch
+            + after * self.saved_bytes_after_input_pass
+            + self.recompute_bytes
+        )
 
     @property
     def peak_bytes(self) -> int:
@@ -199,8 +215,10 @@ def plan_memory(
     A stage's peak is its parameters, gradients and optimizer state, plus the bytes autograd
     saves for one micro-batch (each layer's forward run on meta under saved-tensor hooks)
     times the micro-batches it holds at its peak in torch's action order for ``schedule``
-    (1F1B: P - s on stage s, GPipe: m), plus, with ``activation_checkpoint_interval`` > 0
-    (as PipelineModule takes it, with ``checkpointable_layers``), the largest chunk that its
+    (1F1B: P - s on stage s, GPipe: m; under the zero-bubble schedules' split backward a
+    micro-batch past its input-gradient pass counts what its weight pass keeps), plus, with
+    ``activation_checkpoint_interval`` > 0 (as PipelineModule takes it, with
+    ``checkpointable_layers``), the largest chunk that its
     backward recomputes. With ``loss_fn`` and ``labels`` (one micro-batch of labels) the last
     stage also counts what the loss saves.
 
@@ -239,18 +257,28 @@ def plan_memory(
         checkpointable_layers=checkpointable_layers,
         loss_fn=loss_fn,
         labels=labels,
+        split_backward=order.splits_backward,
     )
-    in_flight = order.in_flight()
+    saved_bytes = [found.saved_bytes for found in saved]
+    after_input = [
+        found.saved_bytes if found.after_input_bytes is None else found.after_input_bytes
+        for found in saved
+    ]
+    peaks = order.stage_peaks(saved_bytes, after_input)
     stages = tuple(
         dataclasses.replace(
             static,
             saved_bytes_per_microbatch=found.saved_bytes,
-            microbatches_in_flight=in_flight[static.stage],
+            microbatches_in_flight=peaks[static.stage].microbatches,
             recompute_bytes=found.recompute_bytes,
+            saved_bytes_after_input_pass=(
+                after_input[static.stage] if order.splits_backward else 0
+            ),
+            microbatches_after_input_pass=peaks[static.stage].after_input_pass,
         )
         for static, found in zip(_static_memory(layout, optimizer_states), saved, strict=True)
     )
-    activation_peaks = order.rank_peaks([found.saved_bytes for found in saved])
+    activation_peaks = order.rank_peaks(saved_bytes, after_input)
     rank_peaks = tuple(
         activation_peaks[rank]
         + sum(stages[stage].total_bytes for stage in layout.stages_of(rank))
