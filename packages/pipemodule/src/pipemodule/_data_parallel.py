@@ -13,6 +13,13 @@ What each stage's ``PipelineStage`` runs is then a wrapper, and torch's stage co
   (at the stage's last backward) reduce-scatters them: an average, into sharded gradients.
   ``'zero2'`` keeps parameters gathered from forward to backward (``reshard_after_forward=False``).
 
+A schedule that splits backward (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) runs each
+stage's input pass (I) and weight pass (W) as separate autograd calls, which DDP's reducer cannot
+follow (it would mark parameters ready twice). Those stages run the unwrapped stage instead, and
+their gradients are views of a few flat buckets per stage (:class:`ReplicaBuckets`): when a
+stage's last W finishes (torch's REDUCE_GRAD action) its buckets are all-reduced in place,
+asynchronously, while the other stages still compute; the trainer waits before clipping.
+
 Under DDP, tied parameters are kept out of the wrapper (DDP's ignore list): after the schedule
 they are summed over the tie group and averaged over the data group by
 :func:`average_data_parallel_gradients`, as before. Every other gradient was averaged by its
@@ -36,13 +43,31 @@ planned with. Parameters, gradients, optimizer state and every reduction stay fl
 'replicate' (autocast casts weights per op; gradients land on the float32 parameters). Under
 FSDP, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`` also gathers parameters
 in bf16, and autocast still covers the tied (unsharded, float32) parameters.
+
+[Note: FSDP and the split backward]
+torch's input pass (``stage_backward_input``) collects the grad accumulators of
+``submod.parameters()`` *before* it runs autograd. With ``reshard_after_forward=True`` FSDP2's
+post-forward hook has swapped the module's parameters back to the sharded DTensors by then, and
+the graph holds the unsharded ones: none of the collected accumulators is in the graph, the
+pass records no parameter groups, and the weight pass then adds nothing (only stage 0, whose W
+is a full backward, kept its gradients). FSDP's pre-backward hook unshards during the I pass,
+too late. So a stage unshards explicitly before its I and W passes (the same all-gather the hook
+would run, a moment earlier; a no-op when already gathered), and the unsharded parameters, one
+object per parameter for FSDP's lifetime, are what both passes see.
+
+[Note: one reduction per accumulation window]
+With ``accumulation_steps=k`` the trainer turns :class:`GradientSync` off for the first k-1
+calls: stages then pass ``last_backward=False`` to torch (DDP runs under ``no_sync``), skip
+REDUCE_GRAD (FSDP keeps accumulating unsharded gradients; the stage is only resharded) and launch
+no bucket. The last call reduces what the window accumulated, once.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,10 +85,14 @@ __all__ = [
     "PRECISIONS",
     "DataParallelPlan",
     "DataParallelStage",
-    "check_split_backward",
+    "GradientSync",
+    "ReplicaBuckets",
+    "StageReduction",
     "data_parallel_of",
+    "gradient_sync",
     "shard_data_parallel",
     "stage_modules",
+    "stage_modules_for",
 ]
 
 DATA_PARALLEL_MODES = ("replicate", "fsdp", "zero2")
@@ -98,6 +127,128 @@ class DataParallelStage(torch.nn.Module):
         return tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype == dtype else t, outputs)
 
 
+@dataclass
+class GradientSync:
+    """Whether this ``train_step`` call reduces over replicas, and what is still in flight.
+
+    See [Note: one reduction per accumulation window]. Mutable, one per plan.
+    """
+
+    enabled: bool = True
+    pending: list[ReplicaBuckets] = field(default_factory=list)
+    """Buckets launched during this call's schedule, waited for by :meth:`finish`."""
+
+    def finish(self) -> None:
+        """Wait for every bucket launched and turn its sums into averages (local + wait)."""
+        pending, self.pending = self.pending, []
+        for buckets in pending:
+            buckets.wait()
+
+
+@contextmanager
+def gradient_sync(module: PipelineModule, enabled: bool) -> Iterator[None]:
+    """Reduce over replicas during the enclosed schedule only when ``enabled`` (accumulation)."""
+    plan = data_parallel_of(module)
+    if plan is None:
+        yield
+        return
+    plan.sync.enabled = enabled
+    try:
+        yield
+    finally:
+        plan.sync.enabled = True
+
+
+class ReplicaBuckets:
+    """One stage's gradients as views of flat buffers, all-reduced in place and asynchronously.
+
+    Buffers are made at the first launch; from then on each gradient is a view of its bucket,
+    so autograd accumulates into the buffer and a launch copies nothing. A gradient replaced
+    since (``zero_grad(set_to_none=True)``) is copied into its bucket and the view restored.
+    Collective over ``group`` at :meth:`launch`: data peers hold the same stage, so they
+    launch the same buckets in the same order.
+    """
+
+    def __init__(
+        self,
+        parameters: Sequence[torch.nn.Parameter],
+        group: dist.ProcessGroup,
+        replicas: int,
+        bucket_cap_mb: float,
+    ) -> None:
+        self._group = group
+        self._replicas = replicas
+        cap = int(bucket_cap_mb * 2**20)
+        # Reverse order: the last layers' gradients are complete first, as in DDP.
+        self._members: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in reversed(parameters):
+            current = self._members[-1] if self._members else None
+            nbytes = p.numel() * p.element_size()
+            fits = current is not None and size + nbytes <= cap
+            if (
+                current is None
+                or not fits
+                or (current[0].dtype, current[0].device)
+                != (
+                    p.dtype,
+                    p.device,
+                )
+            ):
+                self._members.append([p])
+                size = nbytes
+            else:
+                current.append(p)
+                size += nbytes
+        self._buffers: list[torch.Tensor] = []
+        self._views: list[list[torch.Tensor]] = []
+        self._works: list[dist.Work] = []
+
+    @property
+    def count(self) -> int:
+        """How many all-reduces one launch runs."""
+        return len(self._members)
+
+    def _attach(self) -> None:
+        if not self._buffers:
+            for members in self._members:
+                first = members[0]
+                buffer = torch.zeros(
+                    sum(p.numel() for p in members), dtype=first.dtype, device=first.device
+                )
+                self._buffers.append(buffer)
+                views, offset = [], 0
+                for p in members:
+                    views.append(buffer[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                self._views.append(views)
+        for members, views in zip(self._members, self._views, strict=True):
+            for p, view in zip(members, views, strict=True):
+                if p.grad is not view:
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                    p.grad = view
+
+    def launch(self) -> None:
+        """Start the in-place sum of every bucket over the replicas (collective, async)."""
+        self._attach()
+        self._works = [
+            work
+            for buffer in self._buffers
+            if (work := dist.all_reduce(buffer, group=self._group, async_op=True)) is not None
+        ]
+
+    def wait(self) -> None:
+        """Wait for the sums and divide them by the replica count: the average."""
+        works, self._works = self._works, []
+        for work in works:
+            work.wait()
+        for buffer in self._buffers:
+            buffer.div_(self._replicas)
+
+
 @dataclass(frozen=True)
 class DataParallelPlan:
     """How a module's data-parallel replicas are reduced; made by :func:`shard_data_parallel`."""
@@ -111,6 +262,12 @@ class DataParallelPlan:
     """What each local stage's ``PipelineStage`` runs, in ``module.stage_ids`` order."""
     reduced_after: tuple[torch.Tensor, ...]
     """Parameters no wrapper reduces (tied ones): averaged after the schedule."""
+    split_stages: tuple[torch.nn.Module, ...] = ()
+    """What each stage runs under a schedule that splits backward (no DDP wrapper)."""
+    buckets: tuple[ReplicaBuckets | None, ...] = ()
+    """Each stage's buckets under a split-backward schedule ('replicate' with overlap)."""
+    sync: GradientSync = field(default_factory=lambda: GradientSync())
+    """Whether this call reduces (accumulation), and the reductions still in flight."""
 
     @property
     def shards(self) -> bool:
@@ -130,32 +287,27 @@ def stage_modules(module: PipelineModule) -> tuple[torch.nn.Module, ...]:
     return module.stages if plan is None else plan.stages
 
 
-def check_split_backward(module: PipelineModule, schedule: str) -> None:
-    """Raise unless ``module``'s data-parallel mode can run a schedule that splits backward.
-
-    torch's stage runs DDP's reducer around one backward call per micro-batch; the zero-bubble
-    schedules split it into an input and a weight pass, and DDP then marks parameters ready
-    twice. Local: the same answer on every rank.
-    """
+def stage_modules_for(module: PipelineModule, split_backward: bool) -> list[StageReduction]:
+    """Each local stage's module and reduction, for a schedule that splits backward or not."""
     plan = data_parallel_of(module)
-    if plan is None or plan.replicas == 1:
-        return
-    if plan.mode == "fsdp":
-        # Measured: with parameters resharded after forward, the weight pass's gradients
-        # differ from one process's (pipe 2 x data 2, torch 2.13); 'zero2' keeps them gathered.
-        raise ValueError(
-            f"schedule {schedule!r} splits backward into input and weight passes, which "
-            f"mode='fsdp' (parameters resharded after forward) does not train correctly with "
-            f"in torch 2.13; use mode='zero2' (still sharding gradients and optimizer state), "
-            f"or a schedule without split backward (1F1B, GPipe, Interleaved1F1B, LoopedBFS)"
-        )
-    if plan.mode == "replicate" and plan.overlap:
-        raise ValueError(
-            f"schedule {schedule!r} splits backward into input and weight passes, which DDP's "
-            f"overlapped reduction (mode='replicate') cannot follow; call "
-            f"shard_data_parallel(module, 'replicate', overlap=False) to reduce after the "
-            f"schedule, or use mode='fsdp' or 'zero2'"
-        )
+    if plan is None:
+        return [StageReduction(stage, None, None) for stage in module.stages]
+    if not split_backward or not plan.split_stages:
+        return [StageReduction(stage, None, plan.sync) for stage in plan.stages]
+    return [
+        StageReduction(stage, buckets, plan.sync)
+        for stage, buckets in zip(plan.split_stages, plan.buckets, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class StageReduction:
+    """What one ``PipelineStage`` runs and how its gradients reach the other replicas."""
+
+    module: torch.nn.Module
+    buckets: ReplicaBuckets | None
+    """Launched when the stage's last backward finishes (split backward under 'replicate')."""
+    sync: GradientSync | None
 
 
 def _device_type(module: torch.nn.Module) -> str:
@@ -205,7 +357,9 @@ def shard_data_parallel(
     averages gradients with DDP's bucketed all-reduce, overlapped with each stage's last
     backward; ``'fsdp'`` shards parameters, gradients and optimizer state over the replicas with
     FSDP2, one unit per stage (ZeRO-3-like); ``'zero2'`` is ``'fsdp'`` without resharding the
-    parameters between forward and backward (more memory, fewer all-gathers). Tied parameters
+    parameters between forward and backward (more memory, fewer all-gathers). Under a schedule
+    that splits backward, 'replicate' all-reduces each stage's gradient buckets as its last
+    weight pass finishes instead of running DDP. Every mode runs every schedule. Tied parameters
     stay whole in every mode (see [Note: the data-parallel average is applied once]).
 
     ``precision='bf16'``: bf16 compute with float32 master weights, gradients and reductions.
@@ -256,9 +410,17 @@ def shard_data_parallel(
         reduced_after = [p for p in module.parameters() if p.requires_grad]
     else:
         reduced_after = [p for p in module.parameters() if id(p) in kept_whole]
+    split_stages: list[torch.nn.Module] = []
+    buckets: list[ReplicaBuckets | None] = []
     if replicas > 1 and mode == "replicate" and overlap:
         group = _real_group(grid.axis_group("data"))
         stages = [_replicate(stage, kept_whole, group, bucket_cap_mb) for stage in wrapped]
+        split_stages = list(wrapped)
+        for stage in wrapped:
+            reduced = [p for p in stage.parameters() if p.requires_grad and id(p) not in kept_whole]
+            buckets.append(
+                ReplicaBuckets(reduced, group, replicas, bucket_cap_mb) if reduced else None
+            )
     elif replicas > 1 and mode != "replicate":
         # See [Note: tied parameters under FSDP]: only a tie two local stages share stays whole.
         shared = set(shared_list)
@@ -286,6 +448,8 @@ def shard_data_parallel(
         replicas=replicas,
         overlap=overlap,
         stages=tuple(stages),
+        split_stages=tuple(split_stages),
+        buckets=tuple(buckets),
         reduced_after=tuple(
             p for p in reduced_after if isinstance(p, torch.nn.Parameter) and p.requires_grad
         ),

@@ -25,15 +25,11 @@ __all__ = [
 def sum_tied_gradients(module: PipelineModule) -> None:
     """Sum each tie's gradients over the stages holding a copy; sharded ones shard by shard.
 
-    See [Note: tied parameters under FSDP]. Collective over each tie group.
+    :meth:`TieLink.sum_gradients` for every link (see [Note: tied parameters under FSDP]).
+    Collective over each tie group.
     """
     for link in module.tied_comms.values():
-        for tensor in link.tensors():
-            if tensor.grad is None:
-                tensor.grad = torch.zeros_like(tensor)
-            grad = tensor.grad
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
-            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=link.group)
+        link.sum_gradients()
 
 
 def reshard_stages(module: PipelineModule) -> None:
@@ -52,13 +48,16 @@ def average_data_parallel_gradients(module: PipelineModule) -> None:
     Without :func:`shard_data_parallel` that is every gradient: they are flattened into one
     buffer per dtype, so a step costs one all-reduce per dtype rather than one per parameter.
     With it, only the tied parameters remain (their wrappers' average already ran during
-    backward); see [Note: the data-parallel average is applied once].
+    backward, or, under a split backward, was launched per stage and is waited for here); see
+    [Note: the data-parallel average is applied once].
     """
     grid = module.grid
     replicas = grid.axis_size("data")
     if replicas == 1:
         return
     plan = data_parallel_of(module)
+    if plan is not None:
+        plan.sync.finish()  # the buckets a split-backward schedule launched per stage
     parameters = list(module.parameters()) if plan is None else list(plan.reduced_after)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for parameter in parameters:

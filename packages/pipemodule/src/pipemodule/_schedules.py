@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -34,7 +35,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from pipemodule._checks import positive_int
-from pipemodule._data_parallel import check_split_backward, stage_modules
+from pipemodule._data_parallel import GradientSync, ReplicaBuckets, stage_modules_for
 from pipemodule._layout.shapes import StageShapes, describe_values, meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 
@@ -137,28 +138,80 @@ def check_schedule(module: PipelineModule, cls: type[Schedule], n_microbatches: 
             )
 
 
+class _ReducingStage(PipelineStage):
+    """torch's stage, reducing over data-parallel replicas as the module's plan says.
+
+    Three additions to torch's own DDP/FSDP handling: FSDP stages unshard before the input and
+    weight passes ([Note: FSDP and the split backward]); no reduction while accumulating
+    ([Note: one reduction per accumulation window]); and 'replicate' under a split backward
+    launches the stage's buckets at REDUCE_GRAD, after its last weight pass.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        buckets: ReplicaBuckets | None,
+        sync: GradientSync | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._buckets = buckets
+        self._sync = sync
+
+    def _reduces(self) -> bool:
+        return self._sync is None or self._sync.enabled
+
+    def backward_maybe_with_nosync(
+        self, backward_type: str, bwd_kwargs: dict[str, Any], last_backward: bool = False
+    ) -> Any:
+        if backward_type != "full" and isinstance(self.submod, FSDPModule):
+            self.submod.unshard()
+        return super().backward_maybe_with_nosync(
+            backward_type, bwd_kwargs, last_backward=last_backward and self._reduces()
+        )
+
+    def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+        if not self._reduces():
+            if isinstance(self.submod, FSDPModule):
+                self.submod.reshard()  # what FSDP's reduction would free, without reducing
+            return
+        super().perform_reduce_grad(grad_scale_factor)
+        if self._buckets is not None and self._sync is not None:
+            self._buckets.launch()
+            self._sync.pending.append(self._buckets)
+
+
 def pipeline_stages(
-    module: PipelineModule, shapes: Sequence[StageShapes] | None = None
+    module: PipelineModule,
+    shapes: Sequence[StageShapes] | None = None,
+    *,
+    split_backward: bool = False,
 ) -> list[PipelineStage]:
     """This rank's stages as ``torch.distributed.pipelining.PipelineStage`` objects, in order.
 
     The stages talk to their neighbours over the grid's pipe group, so data-parallel replicas
     of the pipeline run their schedules independently. With ``shapes`` (every stage's, from
     ``stage_shapes``) the stages get static metadata: torch infers nothing at run time. After
-    ``shard_data_parallel`` each stage runs its DDP or FSDP wrapper, which torch's stage drives.
+    ``shard_data_parallel`` each stage runs its DDP or FSDP wrapper, which torch's stage drives;
+    ``split_backward=True`` (a schedule of :data:`SPLIT_BACKWARD`) replaces DDP by per-stage
+    buckets launched after each stage's last weight pass.
     """
     by_stage = {entry.stage: entry for entry in shapes or ()}
     return [
-        PipelineStage(
-            stage,
+        _ReducingStage(
+            reduction.module,
             stage_index=index,
             num_stages=module.layout.num_stages,
             device=module.device,
             input_args=by_stage[index].inputs if index in by_stage else None,
             output_args=by_stage[index].outputs if index in by_stage else None,
             group=module.grid.axis_group("pipe"),
+            buckets=reduction.buckets,
+            sync=reduction.sync,
         )
-        for index, stage in zip(module.stage_ids, stage_modules(module), strict=True)
+        for index, reduction in zip(
+            module.stage_ids, stage_modules_for(module, split_backward), strict=True
+        )
     ]
 
 
@@ -209,8 +262,6 @@ def build_schedule(
     cls = schedule_class(schedule)
     positive_int("n_microbatches", n_microbatches)
     check_schedule(module, cls, n_microbatches)
-    if issubclass(cls, SPLIT_BACKWARD):
-        check_split_backward(module, schedule)
     loss = loss_fn if loss_fn is not None else module.loss_fn
     if loss is None:
         raise ValueError(
@@ -222,7 +273,11 @@ def build_schedule(
     single = issubclass(cls, PipelineScheduleSingle)
     if shapes is None and sample is not None:
         shapes = stage_shapes(module.layout, sample)
-    stages: Any = pipeline_stage(module, shapes) if single else pipeline_stages(module, shapes)
+    stages: Any = (
+        pipeline_stage(module, shapes)
+        if single
+        else pipeline_stages(module, shapes, split_backward=issubclass(cls, SPLIT_BACKWARD))
+    )
     return make(stages, n_microbatches=n_microbatches, loss_fn=scaled, scale_grads=False)
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from pipemodule._checks import positive_int
-from pipemodule._data_parallel import data_parallel_of, shard_data_parallel
+from pipemodule._data_parallel import data_parallel_of, gradient_sync, shard_data_parallel
 from pipemodule._gradients import (
     average_data_parallel_gradients,
     reshard_stages,
@@ -24,10 +24,8 @@ from pipemodule._layout.shapes import meta_sample, stage_shapes
 from pipemodule._module import PipelineModule
 from pipemodule._resume import load_checkpoint, save_checkpoint
 from pipemodule._schedules import (
-    SPLIT_BACKWARD,
     build_schedule,
     check_loss_on_meta,
-    schedule_class,
 )
 from pipemodule._step_plan import StepFacts, agree_on_step
 
@@ -177,11 +175,10 @@ class PipelineTrainer:
         # replaced at the first step by one with static stage shapes.
         self.schedule = build_schedule(module, n_microbatches, schedule, self._step_loss)
         if data_parallel_of(module) is None and module.grid.axis_size("data") > 1:
-            # The default mode: DDP's overlapped, bucketed average. It leaves the parameters
-            # as they are, so the optimizer made before still holds them.
-            # The zero-bubble schedules split backward, which DDP cannot follow.
-            split = issubclass(schedule_class(schedule), SPLIT_BACKWARD)
-            shard_data_parallel(module, overlap=not split)
+            # The default mode: DDP's overlapped, bucketed average (per-stage buckets under a
+            # split backward). It leaves the parameters as they are, so the optimizer made
+            # before still holds them.
+            shard_data_parallel(module)
             self.schedule = build_schedule(module, n_microbatches, schedule, self._step_loss)
         self._schedule_name = schedule
         self._plans: dict[Any, Any] = {}
@@ -259,12 +256,15 @@ class PipelineTrainer:
         args = call.pop("args")
         if "target" in call:
             call["losses"] = losses
-        outputs = self.schedule.step(*args, return_outputs=self.return_outputs, **call)
+        # Replicas reduce once per window, at its last call; see [Note: one reduction per
+        # accumulation window].
+        last_call = self.accumulated_calls + 1 == self.accumulation_steps
+        with gradient_sync(self.module, enabled=last_call):
+            outputs = self.schedule.step(*args, return_outputs=self.return_outputs, **call)
         self.last_outputs = outputs if self.return_outputs else None
         self.accumulated_calls += 1
-        if self.accumulated_calls < self.accumulation_steps:
-            # DDP and FSDP already averaged this call's gradients into the accumulated ones
-            # (an average of sums is the sum of averages); the tied sums wait for the step.
+        if not last_call:
+            # Gradients accumulate locally; the tied sums and the average wait for the step.
             return self._mean_loss(losses)
         self.accumulated_calls = 0
         sum_tied_gradients(self.module)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from pipemodule._layout import PipelineLayout
 from pipespec import resolve_tied_attr
@@ -47,12 +48,16 @@ class TieLink:
         """Sum the tied tensors' gradients over the copies (collective over the tie group).
 
         A copy that received no gradient contributes zeros rather than skipping the collective,
-        which would leave its peers waiting.
+        which would leave its peers waiting. A sharded gradient (a DTensor under FSDP) is summed
+        by its local shard: every holder's shard covers the same slice of the tie (see
+        [Note: tied parameters under FSDP] in ``_data_parallel.py``).
         """
         for tensor in self.tensors():
             if tensor.grad is None:
                 tensor.grad = torch.zeros_like(tensor)
-            dist.all_reduce(tensor.grad, op=dist.ReduceOp.SUM, group=self.group)
+            grad = tensor.grad
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
 
 
 def link_ties(
