@@ -23,7 +23,7 @@ from pipemodule import (
 )
 from pipemodule.examples import gpt_layers
 from pipetopo import PipeModelDataParallelTopology
-from pipetopo.testing import RankFailedError, spawn_ranks, world_of_one
+from pipetopo.testing import spawn_ranks, world_of_one
 
 VOCAB, HIDDEN, DEPTH = 16, 8, 2  # 5 layers; the embedding is tied to the LM head
 BATCH, SEQ, STEPS, LR, MAX_NORM = 8, 6, 3, 0.05, 0.5
@@ -454,24 +454,26 @@ def _save_sharded_load_replicated(root: str) -> dict[str, Any]:
     replicated = _module(1)
     shard_data_parallel(replicated, "replicate")
     replicated.load_state_dir(root)
+    resharded = _module(1)
+    shard_data_parallel(resharded, "fsdp")
+    resharded.load_state_dir(root)
     return {
         "initial": initial,
         "trained": _full_state(sharded),
         "loaded": {k: v.detach().clone() for k, v in replicated.state_dict().items()},
+        "loaded sharded": _full_state(resharded),
     }
 
 
-@pytest.mark.xfail(
-    raises=RankFailedError,
-    strict=True,
-    reason="save_state_dict writes FSDP's DTensor shards into the layer files "
-    "(_stage/layer_checkpoint.py); loading them into plain tensors fails",
-)
-def test_layer_files_saved_under_fsdp_load_into_a_replicated_run(tmp_path: Path) -> None:
+def test_layer_files_saved_under_fsdp_load_into_replicated_and_sharded_runs(tmp_path: Path) -> None:
     results = spawn_ranks(_save_sharded_load_replicated, 4, str(tmp_path), timeout=TIMEOUT)
     for result in results:
         assert result["loaded"].keys() == result["trained"].keys()
+        assert result["loaded sharded"].keys() == result["trained"].keys()
         for name, value in result["trained"].items():
             torch.testing.assert_close(result["loaded"][name], value, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(
+                result["loaded sharded"][name], value, rtol=0, atol=0, msg=name
+            )
             # Two Adam steps moved every weight: the files hold trained values, not the seeds.
             assert not torch.equal(value, result["initial"][name]), name

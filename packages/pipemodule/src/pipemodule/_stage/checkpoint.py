@@ -150,11 +150,13 @@ def save_layer_files(
     rank_repr: str,
     *,
     exclude_frozen_params: bool,
+    states: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write one file per entry, each atomically, bracketed by this writer's marker and manifest.
 
-    The marker is left behind if the save does not finish (an exception, a full disk, a kill),
-    so that loads refuse the directory until a save completes.
+    ``states`` (one per entry) replaces the modules' own state dicts, e.g. their full tensors
+    when the modules hold shards. The marker is left behind if the save does not finish (an
+    exception, a full disk, a kill), so that loads refuse the directory until a save completes.
     """
     if not entries:
         return
@@ -165,8 +167,8 @@ def save_layer_files(
     write_atomically(b"", saving)
     _remove_stale_temporaries(paths)
     digests: dict[str, str] = {}
-    for (_, module), path in zip(entries, paths, strict=True):
-        state = module.state_dict()
+    for position, ((_, module), path) in enumerate(zip(entries, paths, strict=True)):
+        state = module.state_dict() if states is None else states[position]
         if exclude_frozen_params:
             frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
             state = {name: value for name, value in state.items() if name not in frozen}

@@ -39,10 +39,15 @@ class TieLink:
         return [resolve_tied_attr(self.module, attr) for attr in self.attrs]
 
     def broadcast_from_owner(self) -> None:
-        """Copy the owner's values into every other copy (collective over the tie group)."""
+        """Copy the owner's values into every other copy (collective over the tie group).
+
+        A sharded copy (a DTensor under FSDP) is copied by its local shard, which covers the
+        same slice of the tie on every holder, as in :meth:`sum_gradients`.
+        """
         with torch.no_grad():
             for tensor in self.tensors():
-                dist.broadcast(tensor.data, src=self.owner, group=self.group)
+                local = tensor.to_local() if isinstance(tensor, DTensor) else tensor.data
+                dist.broadcast(local, src=self.owner, group=self.group)
 
     def sum_gradients(self) -> None:
         """Sum the tied tensors' gradients over the copies (collective over the tie group).
