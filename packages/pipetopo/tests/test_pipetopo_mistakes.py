@@ -147,5 +147,7 @@ def test_repeated_grids_add_no_groups_fds_or_threads() -> None:
         # The first grid creates its groups; the other three share every one of them.
         assert calls[0] > 0, calls
         assert set(calls[1:]) == {0}, calls
-        assert during == before, (before, during)
+        # None added; one may close meanwhile (a transient socket of the rank's harness).
+        assert during[0] <= before[0], (before, during)
+        assert during[1] <= before[1], (before, during)
         assert after[0] < before[0], "closing the last grid frees the groups' descriptors"
