@@ -25,6 +25,7 @@ from pipemodule._layout import (
     plan_memory,
     plan_pipeline,
 )
+from pipemodule._layout.byte_sizes import format_bytes
 from pipemodule._module import PipelineModule
 from pipemodule._resume import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipemodule._schedules import SCHEDULES, build_schedule, pipeline_stage, pipeline_stages
@@ -81,6 +82,7 @@ __all__ = [
     "data_parallel_of",
     "default_seed_fn",
     "estimate_stage_memory",
+    "format_bytes",
     "global_grad_norm",
     "latest_checkpoint",
     "load_checkpoint",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipemodule import OPTIMIZER_STATES
+from pipemodule import OPTIMIZER_STATES, format_bytes
 from pipemodule._cli.report import Report, counted
 from pipepartition import Parameters, PartitionMethod, TypeRegex
 
@@ -12,19 +12,6 @@ __all__ = ["render"]
 
 _NAMES_WIDTH = 60
 _TIED_MARK = "*"
-_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def format_bytes(count: int) -> str:
-    """``773 KiB``, ``1.14 GiB``: three significant digits, binary units."""
-    value, unit = float(count), 0
-    while round(value, 1) >= 1024 and unit < len(_BYTE_UNITS) - 1:
-        value /= 1024
-        unit += 1
-    if unit == 0:
-        return f"{count} B"
-    decimals = 2 if value < 10 else 1 if value < 100 else 0
-    return f"{value:.{decimals}f} {_BYTE_UNITS[unit]}"
 
 
 def _cost(value: float, method: PartitionMethod) -> str:

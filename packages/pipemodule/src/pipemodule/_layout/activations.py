@@ -43,7 +43,13 @@ from pipemodule._layout.shapes import (
     meta_tensors_only,
 )
 
-__all__ = ["SavedTensorCounter", "StageActivations", "stage_activations"]
+__all__ = [
+    "SavedTensorCounter",
+    "StageActivations",
+    "chunk_runner",
+    "is_checkpointed_chunk",
+    "stage_activations",
+]
 
 _Key = tuple[int, int, int]
 
@@ -165,7 +171,7 @@ class StageActivations:
     after_input_bytes: int | None = None
 
 
-def _checkpointable(layers: Sequence[MetaLayer], classes: Sequence[str] | None) -> bool:
+def is_checkpointed_chunk(layers: Sequence[MetaLayer], classes: Sequence[str] | None) -> bool:
     # The rule of _stage/forward.py: a chunk is checkpointed when its classes are all listed,
     # or (no list) when any of its modules has parameters.
     modules = [layer.module for layer in layers]
@@ -176,7 +182,7 @@ def _checkpointable(layers: Sequence[MetaLayer], classes: Sequence[str] | None) 
     )
 
 
-def _chain(layers: Sequence[MetaLayer]) -> Callable[..., Any]:
+def chunk_runner(layers: Sequence[MetaLayer]) -> Callable[..., Any]:
     def run(*args: Any) -> Any:
         x: Any = args[0] if len(args) == 1 else args
         for layer in layers:
@@ -274,16 +280,16 @@ def stage_activations(
                     chunk = layers[start : start + step]
                     args = x if isinstance(x, tuple) else (x,)
                     try:
-                        if interval > 0 and _checkpointable(chunk, checkpointable_layers):
+                        if interval > 0 and is_checkpointed_chunk(chunk, checkpointable_layers):
                             # The chunk's own saves, as its backward recomputes them (inner
                             # hooks win: the outer counter does not see this trial run).
-                            _, full = _counted(_chain(chunk), args, state)
+                            _, full = _counted(chunk_runner(chunk), args, state)
                             recompute = max(recompute, full)
                             x = torch.utils.checkpoint.checkpoint(
-                                _chain(chunk), *args, use_reentrant=False
+                                chunk_runner(chunk), *args, use_reentrant=False
                             )
                         else:
-                            x = _chain(chunk)(*args)
+                            x = chunk_runner(chunk)(*args)
                     except Exception as error:
                         first = indices[start]
                         raise RuntimeError(

@@ -17,15 +17,18 @@ checks the partition with the exact per-stage count (``memory_limits.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils.checkpoint
 
-from pipemodule._layout.activations import SavedTensorCounter
+from pipemodule._layout.activations import (
+    SavedTensorCounter,
+    chunk_runner,
+    is_checkpointed_chunk,
+)
 from pipemodule._layout.shapes import (
-    MetaLayer,
     describe_values,
     meta_layer,
     meta_like,
@@ -36,21 +39,6 @@ if TYPE_CHECKING:
     from pipemodule._layout.layout import PipelineLayout
 
 __all__ = ["layer_saved_bytes"]
-
-
-def _checkpointable(layer: MetaLayer, classes: Sequence[str] | None) -> bool:
-    # The rule of _stage/forward.py for a chunk of one layer.
-    if classes is not None:
-        return type(layer.module).__name__ in classes
-    return layer.module is not None and next(layer.module.parameters(), None) is not None
-
-
-def _as_chunk(call: Callable[[Any], Any]) -> Callable[..., Any]:
-    # checkpoint passes a tuple input as separate arguments; the layer takes it whole.
-    def run(*values: Any) -> Any:
-        return call(values[0] if len(values) == 1 else values)
-
-    return run
 
 
 def layer_saved_bytes(
@@ -78,10 +66,10 @@ def layer_saved_bytes(
             counter = SavedTensorCounter(layer.state)
             with counter.hooks():
                 try:
-                    if checkpointing and _checkpointable(layer, checkpointable_layers):
+                    if checkpointing and is_checkpointed_chunk([layer], checkpointable_layers):
                         args = x if isinstance(x, tuple) else (x,)
                         out = torch.utils.checkpoint.checkpoint(
-                            _as_chunk(layer.call), *args, use_reentrant=False
+                            chunk_runner([layer]), *args, use_reentrant=False
                         )
                     else:
                         out = layer.call(x)
